@@ -1,0 +1,290 @@
+"""Webdataset shards: writing them (streaming, with a manifest) and reading them robustly.
+
+Layout (img2dataset's, see DESIGN.md): a tar of sample groups ``KEY.jpg|png|webp``, ``KEY.txt``,
+``KEY.json``, ``KEY.cls``; a dataset root holds ``NAME-000000.tar ...`` and ``manifest.json``
+(``shards``: ``[{name, samples, bytes, sha256}]``, plus ``samples`` and ``created``).
+
+Writing streams: each shard goes straight to its URL through the storage seam (a multipart upload
+on S3) while its sha256 is computed on the fly, so no dataset or shard is held in memory. Tars are
+written with fixed metadata (mtime 0, no owner) so the same samples give byte-identical shards.
+
+Reading yields ``(index, key, files)`` where ``index`` counts sample groups in tar order: that
+order is the deterministic in-shard order the resumable stream's cursors refer to. Transient
+read errors are retried with backoff by reopening the object and seeking back to the byte
+offset; a shard that stays broken ends with a :class:`ShardError` naming why, after every sample
+before the damage has been yielded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import tarfile
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from webdataset.tariterators import tar_file_iterator
+
+from . import storage
+from .defects import IO_ERROR, TRUNCATED_SHARD, UNREADABLE_SHARD
+
+log = logging.getLogger("vqscale.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MANIFEST = "manifest.json"
+DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
+# Read size for remote shards: large sequential ranges keep the number of GETs per shard small.
+REMOTE_BLOCK = 16 * 1024 * 1024
+
+
+class ShardError(Exception):
+    """A shard that could not be read to its end; ``reason`` is a defects reason."""
+
+    def __init__(self, reason: str, url: str, read: int, detail: str = ""):
+        super().__init__(f"{reason} in {url} after {read} samples: {detail}")
+        self.reason = reason
+        self.url = url
+        self.read = read
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+class _HashingWriter(io.RawIOBase):
+    """Forwards writes and keeps sha256 and byte count of everything written."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.f.write(b)
+        self.sha.update(b)
+        self.nbytes += len(b)
+        return len(b)
+
+
+def split_key(fname: str) -> tuple[str, str]:
+    """``dir/KEY.codes.npy`` -> (``dir/KEY``, ``codes.npy``): the extension starts at the first
+    dot of the base name, as webdataset groups them."""
+    head, _, base = fname.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower() if dot else ""
+
+
+class ShardWriter:
+    """Writes samples into ``ROOT/PREFIX-000000.tar, ...`` and a manifest on :meth:`close`.
+
+    A new shard starts when the current one reaches ``max_bytes`` or ``max_samples``.
+    ``extra`` is merged into the manifest (code shards add tokenizer, grid and codebook size).
+    """
+
+    def __init__(self, root: str, prefix: str = "data", max_bytes: int = DEFAULT_SHARD_BYTES,
+                 max_samples: int | None = None, extra: dict[str, Any] | None = None,
+                 write_manifest: bool = True):
+        self.root = root
+        self.prefix = prefix
+        self.max_bytes = max_bytes
+        self.max_samples = max_samples
+        self.extra = dict(extra or {})
+        self.write_manifest = write_manifest
+        self.shards: list[dict[str, Any]] = []
+        self._ctx = None
+        self._hash: _HashingWriter | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+        self._keys: set[str] = set()
+        storage.makedirs(root)
+
+    # A shard is a context (atomic_open) held open across write() calls.
+    def _open_next(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._name = name
+        self._ctx = storage.atomic_open(storage.join(self.root, name), "wb")
+        f = self._ctx.__enter__()
+        self._hash = _HashingWriter(f)
+        self._tar = tarfile.open(fileobj=self._hash, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._count = 0
+        self._keys = set()
+
+    def _finish(self, exc: BaseException | None = None) -> None:
+        if self._tar is None:
+            return
+        tar, ctx, h = self._tar, self._ctx, self._hash
+        self._tar = self._ctx = self._hash = None
+        if exc is not None:
+            ctx.__exit__(type(exc), exc, exc.__traceback__)
+            return
+        tar.close()
+        ctx.__exit__(None, None, None)
+        self.shards.append({"name": self._name, "samples": self._count, "bytes": h.nbytes,
+                            "sha256": h.sha.hexdigest()})
+
+    def write(self, key: str, files: dict[str, bytes]) -> None:
+        """Add one sample: ``files`` maps extensions (``jpg``, ``txt``, ``codes.npy``) to bytes."""
+        if "." in key.rsplit("/", 1)[-1]:
+            raise ValueError(f"sample key {key!r} must not contain a dot (it separates extensions)")
+        if self._tar is None:
+            self._open_next()
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r} in shard {self._name}")
+        self._keys.add(key)
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        if self._hash.nbytes >= self.max_bytes or (self.max_samples and self._count >= self.max_samples):
+            self._finish()
+
+    def close(self) -> dict[str, Any]:
+        """Finish the last shard and write the manifest; returns the manifest."""
+        self._finish()
+        manifest = make_manifest(self.shards, **self.extra)
+        if self.write_manifest:
+            storage.write_json(storage.join(self.root, MANIFEST), manifest)
+        return manifest
+
+    def abort(self, exc: BaseException) -> None:
+        self._finish(exc)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.abort(exc)
+        else:
+            self.close()
+
+
+def make_manifest(shards: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {
+        "shards": list(shards),
+        "samples": int(sum(s.get("samples") or 0 for s in shards)),
+        "bytes": int(sum(s.get("bytes") or 0 for s in shards)),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+# --------------------------------------------------------------------------------------- reading
+
+_NOT_TRANSIENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class RetryingReader:
+    """A read-only file over a URL that survives transient errors.
+
+    On a failed open or read it waits (exponential backoff), reopens the object and seeks to the
+    byte offset reached so far, so a dropped connection in the middle of a 256 MB shard costs one
+    range request, not the shard. Gives up after ``retries`` attempts in a row.
+    """
+
+    def __init__(self, url: str, retries: int = 4, backoff: float = 0.5):
+        self.url = url
+        self.name = url
+        self.retries = retries
+        self.backoff = backoff
+        self.pos = 0
+        self.retried = 0
+        self._f = None
+        self._call(lambda: None)  # open now, so a missing shard fails here
+
+    def _open(self):
+        kwargs = {"block_size": REMOTE_BLOCK, "cache_type": "readahead"} if storage.is_remote(self.url) else {}
+        f = storage.open(self.url, "rb", **kwargs)
+        if self.pos:
+            f.seek(self.pos)
+        return f
+
+    def _call(self, fn):
+        for attempt in range(self.retries + 1):
+            try:
+                if self._f is None:
+                    self._f = self._open()
+                return fn()
+            except _NOT_TRANSIENT:
+                raise
+            except Exception as e:  # noqa: BLE001 - any I/O-layer failure is retried, then reported
+                self._close_quietly()
+                if attempt == self.retries:
+                    raise OSError(f"reading {self.url} at byte {self.pos} failed after "
+                                  f"{self.retries} retries: {e!r}") from e
+                self.retried += 1
+                delay = self.backoff * (2 ** attempt)
+                log.warning("read error on %s at byte %d (%r); retry %d/%d in %.1fs",
+                            self.url, self.pos, e, attempt + 1, self.retries, delay)
+                time.sleep(delay)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._call(lambda: self._f.read(n))
+        self.pos += len(data)
+        return data
+
+    def _close_quietly(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001 - the connection is already broken; we reopen anyway
+                log.debug("closing a broken handle of %s failed", self.url, exc_info=True)
+
+    def close(self) -> None:
+        self._close_quietly()
+
+    def __enter__(self) -> "RetryingReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def iter_shard(url: str, retries: int = 4, backoff: float = 0.5,
+               want=None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """Yield ``(index, key, files)`` for each sample group of a tar shard, in tar order.
+
+    ``want(index) -> bool`` lets a resuming reader skip samples it has already consumed (their
+    bytes are read past but not returned). Ends with :class:`ShardError` if the shard cannot be
+    opened (``unreadable_shard``), ends inside a member (``truncated_shard``; the incomplete last
+    group is dropped) or keeps failing mid-stream (``io_error``). The generator's return value
+    is the number of sample groups in the shard.
+    """
+    index = 0
+    try:
+        reader = RetryingReader(url, retries=retries, backoff=backoff)
+    except Exception as e:  # noqa: BLE001 - reported as a shard defect by the caller
+        raise ShardError(UNREADABLE_SHARD, url, 0, repr(e)) from e
+    with reader:
+        key = None
+        files: dict[str, bytes] = {}
+        try:
+            for item in tar_file_iterator(reader):
+                k, ext = split_key(item["fname"])
+                if k != key:
+                    if key is not None:
+                        if want is None or want(index):
+                            yield index, key, files
+                        index += 1
+                    key, files = k, {}
+                files[ext] = item["data"]
+        except (tarfile.ReadError, EOFError) as e:
+            # Not a tar at all, or a tar cut short: everything complete before it was yielded.
+            reason = TRUNCATED_SHARD if (index > 0 or key is not None) else UNREADABLE_SHARD
+            raise ShardError(reason, url, index, str(e)) from e
+        except OSError as e:
+            raise ShardError(IO_ERROR if index else UNREADABLE_SHARD, url, index, str(e)) from e
+        if key is not None:
+            if want is None or want(index):
+                yield index, key, files
+            index += 1
+    return index

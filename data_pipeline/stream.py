@@ -1,0 +1,561 @@
+"""The resumable sharded stream: shards → ranks × workers → shuffled samples → batches.
+
+Design (what makes resume exact at any world size):
+
+* **Shard order from (seed, epoch).** Each epoch permutes a source's shards; the shards still to
+  be read in that epoch are dealt round-robin to the ``ranks × workers`` reader slots, so slots
+  never overlap and their union is the epoch.
+* **A deterministic order inside each shard**: tar order. A sample is named by
+  ``(epoch, shard, index)``.
+* **Interleave and shuffle.** A slot keeps ``interleave`` shards open, draws the next sample
+  from a random one, and feeds a buffer of raw bytes (decoded late, only when it leaves the
+  buffer) from which a random sample is taken.
+* **A cursor per shard.** Because of the buffer, "consumed" is a set, not a count. Per shard the
+  state keeps ``cursor`` (samples read from the tar so far) and ``pending`` (indices below the
+  cursor that were read but not yet delivered: they sit in a buffer). Consumed = ``[0, cursor)``
+  minus ``pending``. Shards fully consumed are a bitmap. This state belongs to no rank or worker:
+  on resume it is dealt again over whatever slots the new job has.
+* **Snapshots travel with the batches.** A worker attaches its progress to every batch it emits;
+  the main process keeps the latest per worker, so the saved state covers exactly the batches
+  the training loop received (not those prefetched), and ranks' states merge by taking, per
+  shard, the record with the larger cursor.
+
+Policies:
+
+* **Epoch tail**: nothing is dropped. A slot that finishes its shards of epoch ``e`` goes on
+  with its shards of ``e + 1``, so every rank yields full batches forever and no rank waits for
+  another; the last incomplete global batch of an epoch is completed with samples of the next.
+  "Steps per epoch" is nominal (``samples // global batch``). Every sample of every epoch is
+  delivered exactly once across crashes and world-size changes.
+* **Defects**: a skipped sample (corrupt, filtered, in a broken shard) counts as consumed; it is
+  counted by reason and never retried. Samples a manifest promised but a broken shard did not
+  deliver are counted as ``lost_samples``.
+* **Too few shards**: a source with fewer shards than ``ranks × workers`` is an error at
+  start-up (every slot needs a shard of every fresh epoch).
+* A finite stream (``max_epochs``, for evaluation) ends after that many epochs per slot; its last
+  batch may be short unless ``drop_last``.
+"""
+
+from __future__ import annotations
+
+import base64
+import pickle
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .defects import DefectLog, SampleDefect, SampleFiltered, TRUNCATED_SHARD
+from .shards import ShardError, iter_shard
+from .sources import DataError, Source
+
+STATE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------ progress records
+
+
+@dataclass
+class _EpochProgress:
+    done: set[int] = field(default_factory=set)
+    partial: dict[int, tuple[int, frozenset[int]]] = field(default_factory=dict)
+
+    def mark_done(self, s: int) -> None:
+        self.done.add(s)
+        self.partial.pop(s, None)
+
+    def mark_partial(self, s: int, cursor: int, pending: frozenset[int]) -> None:
+        """Keep the record with more progress: the larger cursor; for equal cursors the smaller
+        pending set (the owner re-read some of the base state's pending samples)."""
+        if s in self.done:
+            return
+        old = self.partial.get(s)
+        if old is None or cursor > old[0]:
+            self.partial[s] = (cursor, pending)
+        elif cursor == old[0]:
+            self.partial[s] = (cursor, old[1] & pending)
+
+
+class SourceProgress:
+    """Which samples of one source have been consumed, epoch by epoch."""
+
+    def __init__(self, num_shards: int, first_epoch: int = 0):
+        self.num_shards = num_shards
+        self.first_epoch = first_epoch  # every epoch before it is complete
+        self.epochs: dict[int, _EpochProgress] = {}
+
+    def epoch(self, e: int) -> _EpochProgress:
+        return self.epochs.setdefault(e, _EpochProgress())
+
+    def compact(self) -> None:
+        for e in [e for e in self.epochs if e < self.first_epoch]:
+            del self.epochs[e]
+        while True:
+            rec = self.epochs.get(self.first_epoch)
+            if rec is None or len(rec.done) < self.num_shards:
+                break
+            del self.epochs[self.first_epoch]
+            self.first_epoch += 1
+
+    def remaining(self, e: int, order: np.ndarray) -> list[tuple[int, int, frozenset[int]]]:
+        """Shards of epoch ``e`` not fully consumed, in ``order``: ``(shard, cursor, pending)``."""
+        if e < self.first_epoch:
+            return []
+        rec = self.epochs.get(e)
+        if rec is None:
+            return [(int(s), 0, frozenset()) for s in order]
+        out = []
+        for s in order:
+            s = int(s)
+            if s in rec.done:
+                continue
+            cursor, pending = rec.partial.get(s, (0, frozenset()))
+            out.append((s, cursor, pending))
+        return out
+
+    def consumed(self, e: int, s: int, i: int) -> bool:
+        if e < self.first_epoch:
+            return True
+        rec = self.epochs.get(e)
+        if rec is None:
+            return False
+        if s in rec.done:
+            return True
+        cursor, pending = rec.partial.get(s, (0, frozenset()))
+        return i < cursor and i not in pending
+
+    def to_json(self) -> dict[str, Any]:
+        epochs = {}
+        for e, rec in sorted(self.epochs.items()):
+            bits = np.zeros(self.num_shards, dtype=bool)
+            bits[list(rec.done)] = True
+            epochs[str(e)] = {
+                "done": base64.b64encode(np.packbits(bits).tobytes()).decode(),
+                "partial": {str(s): [c, sorted(p)] for s, (c, p) in sorted(rec.partial.items())},
+            }
+        return {"num_shards": self.num_shards, "first_epoch": self.first_epoch, "epochs": epochs}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SourceProgress":
+        sp = cls(int(d["num_shards"]), int(d.get("first_epoch", 0)))
+        for e, rec in d.get("epochs", {}).items():
+            ep = sp.epoch(int(e))
+            done = rec.get("done", [])
+            if isinstance(done, str):
+                bits = np.unpackbits(np.frombuffer(base64.b64decode(done), dtype=np.uint8))[: sp.num_shards]
+                done = np.flatnonzero(bits).tolist()
+            ep.done.update(int(s) for s in done)
+            for s, (c, p) in rec.get("partial", {}).items():
+                ep.mark_partial(int(s), int(c), frozenset(int(i) for i in p))
+        return sp
+
+    def merge(self, other: "SourceProgress") -> None:
+        self.first_epoch = max(self.first_epoch, other.first_epoch)
+        for e, rec in other.epochs.items():
+            mine = self.epoch(e)
+            for s in rec.done:
+                mine.mark_done(s)
+            for s, (c, p) in rec.partial.items():
+                mine.mark_partial(s, c, p)
+        self.compact()
+
+
+def initial_state(sources: Sequence[Source]) -> dict[str, Any]:
+    return {
+        "version": STATE_VERSION,
+        "sources": [{"url": src.url, "fingerprint": src.fingerprint,
+                     **SourceProgress(len(src.shards)).to_json()} for src in sources],
+        "samples": 0,
+        "defects": DefectLog().to_state(),
+    }
+
+
+def merge_states(base: dict[str, Any], deltas: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Fold per-rank progress (``StreamingLoader.local_delta``) into a saved global state."""
+    out = {"version": STATE_VERSION, "sources": [], "samples": int(base["samples"])}
+    for i, src in enumerate(base["sources"]):
+        sp = SourceProgress.from_json(src)
+        for d in deltas:
+            sp.merge(SourceProgress.from_json({"num_shards": sp.num_shards, **d["sources"][i]}))
+        out["sources"].append({"url": src["url"], "fingerprint": src["fingerprint"], **sp.to_json()})
+    out["samples"] += sum(int(d["samples"]) for d in deltas)
+    out["defects"] = DefectLog.merged([base["defects"], *(d["defects"] for d in deltas)]).to_state()
+    return out
+
+
+def shard_order(seed: int, source_index: int, epoch: int, num_shards: int) -> np.ndarray:
+    return np.random.default_rng([seed, source_index, epoch, 0x5A4D]).permutation(num_shards)
+
+
+def slot_shards(progress: SourceProgress, seed: int, source_index: int, epoch: int, slot: int,
+                nslots: int) -> list[tuple[int, int, frozenset[int]]]:
+    """The shards (with cursor and pending set) that reader ``slot`` of ``nslots`` reads in
+    ``epoch``: the epoch's unfinished shards in seeded order, dealt round-robin."""
+    order = shard_order(seed, source_index, epoch, progress.num_shards)
+    return progress.remaining(epoch, order)[slot::nslots]
+
+
+# ---------------------------------------------------------------------------------- worker side
+
+
+@dataclass
+class StreamSpec:
+    """Everything a worker needs; pickled into each dataloader worker."""
+
+    sources: list[Source]
+    decode: Callable[[dict[str, bytes], str, np.random.Generator], dict[str, Any]]
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    batch_size: int
+    seed: int = 0
+    prefilter: Callable[[dict[str, bytes]], str | None] | None = None
+    shuffle_buffer: int = 1000
+    interleave: int = 4
+    retries: int = 4
+    retry_backoff: float = 0.5
+    max_epochs: int | None = None   # None: endless (training)
+    drop_last: bool = False         # only meaningful for a finite stream
+
+
+class _OpenShard:
+    """One shard being read by a slot, with the bookkeeping for its cursor and pending set."""
+
+    def __init__(self, epoch: int, shard: int, url: str, expected: int | None, cursor: int,
+                 pending: frozenset[int], spec: StreamSpec):
+        self.epoch, self.shard, self.url, self.expected = epoch, shard, url, expected
+        self.cursor = cursor
+        self.unread_pending = set(pending)   # consumed-state holes not yet re-read
+        self.in_buffer = 0
+        self.read_done = False
+        want = (lambda i: i >= cursor or i in pending) if (cursor or pending) else None
+        self._it = iter_shard(url, retries=spec.retries, backoff=spec.retry_backoff, want=want)
+
+    def next(self, defects: DefectLog):
+        """The next wanted sample ``(index, key, files)``, or None at the end of the shard."""
+        try:
+            i, key, files = next(self._it)
+        except StopIteration as stop:
+            total = stop.value
+            if self.expected is not None and total is not None and total < self.expected:
+                defects.defect(TRUNCATED_SHARD, self.url, detail=f"{total} of {self.expected} samples")
+                defects.lost_samples += self.expected - total
+            self._end(defects)
+            return None
+        except ShardError as e:
+            defects.defect(e.reason, self.url, detail=e.detail)
+            if self.expected is not None:
+                defects.lost_samples += max(0, self.expected - max(e.read, self.cursor))
+            self._end(defects)
+            return None
+        self.unread_pending.discard(i)
+        self.cursor = max(self.cursor, i + 1)
+        return i, key, files
+
+    def _end(self, defects: DefectLog) -> None:
+        self.read_done = True
+        if self.unread_pending:  # holes past the point where the shard broke can never be read
+            defects.lost_samples += len(self.unread_pending)
+            self.unread_pending.clear()
+
+    @property
+    def done(self) -> bool:
+        return self.read_done and self.in_buffer == 0 and not self.unread_pending
+
+
+class _SourceReader:
+    """One slot's reader of one source: tasks across epochs, interleaved shards, shuffle buffer."""
+
+    def __init__(self, spec: StreamSpec, index: int, progress: SourceProgress, slot: int,
+                 nslots: int, rng: np.random.Generator, defects: DefectLog):
+        self.spec, self.index, self.source = spec, index, spec.sources[index]
+        self.progress, self.slot, self.nslots = progress, slot, nslots
+        self.rng, self.defects = rng, defects
+        self.open: list[_OpenShard] = []
+        self.active: dict[tuple[int, int], _OpenShard] = {}
+        self.buffer: list[tuple[int, int, int, str, dict[str, bytes]]] = []
+        self.done_delta: list[tuple[int, int]] = []
+        self.exhausted = False
+        self._watch: dict[int, list[int]] = {}
+        self._buffered: dict[int, int] = defaultdict(int)
+        self._tasks = self._task_iter()
+
+    def _task_iter(self):
+        first = self.progress.first_epoch
+        last = None if self.spec.max_epochs is None else first + self.spec.max_epochs
+        e = first
+        while last is None or e < last:
+            mine = slot_shards(self.progress, self.spec.seed, self.index, e, self.slot, self.nslots)
+            # An endless stream over a source that yields nothing would spin forever: watch each
+            # fresh epoch, and fail once all of this slot's shards of it ended with no sample.
+            if self.progress.epochs.get(e) is None and mine and last is None:
+                self._watch[e] = [len(mine), 0]
+            for s, cursor, pending in mine:
+                sh = self.source.shards[s]
+                yield _OpenShard(e, s, sh.url, sh.samples, cursor, pending, self.spec)
+            e += 1
+
+    def _shard_ended(self, sh: _OpenShard) -> None:
+        watch = self._watch.get(sh.epoch)
+        if watch is None:
+            return
+        watch[1] += 1
+        if watch[1] == watch[0]:
+            del self._watch[sh.epoch]
+            if not self._buffered.pop(sh.epoch, 0):
+                raise DataError(f"no usable sample in {watch[0]} shards of {self.source.url} "
+                                f"(epoch {sh.epoch}); defects so far: {dict(self.defects.by_reason)}, "
+                                f"filtered: {dict(self.defects.filtered)}")
+
+    def _read_one(self) -> bool:
+        while True:
+            while len(self.open) < self.spec.interleave:
+                task = next(self._tasks, None)
+                if task is None:
+                    break
+                self.open.append(task)
+                self.active[(task.epoch, task.shard)] = task
+            if not self.open:
+                return False
+            j = int(self.rng.integers(len(self.open)))
+            sh = self.open[j]
+            item = sh.next(self.defects)
+            if item is None:
+                self.open.pop(j)
+                self._retire_if_done(sh)
+                self._shard_ended(sh)
+                continue
+            i, key, files = item
+            if self.spec.prefilter is not None:
+                reason = self.spec.prefilter(files)
+                if reason is not None:
+                    self.defects.filter(reason)
+                    continue
+            sh.in_buffer += 1
+            self.buffer.append((sh.epoch, sh.shard, i, key, files))
+            if sh.epoch in self._watch:
+                self._buffered[sh.epoch] += 1
+            return True
+
+    def _retire_if_done(self, sh: _OpenShard) -> None:
+        if sh.done:
+            self.active.pop((sh.epoch, sh.shard), None)
+            self.done_delta.append((sh.epoch, sh.shard))
+
+    def pop(self):
+        """A random sample from the buffer (refilled first), or None when the source is over."""
+        while len(self.buffer) < self.spec.shuffle_buffer and self._read_one():
+            pass
+        if not self.buffer:
+            self.exhausted = True
+            return None
+        j = int(self.rng.integers(len(self.buffer)))
+        self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
+        entry = self.buffer.pop()
+        sh = self.active[(entry[0], entry[1])]
+        sh.in_buffer -= 1
+        self._retire_if_done(sh)
+        return entry
+
+    def snapshot(self) -> dict[str, Any]:
+        """Progress of the shards this slot holds, plus shards finished since the last one."""
+        in_buf: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for e, s, i, _k, _f in self.buffer:
+            in_buf[(e, s)].append(i)
+        active = {k: (sh.cursor, frozenset(sh.unread_pending).union(in_buf.get(k, ())))
+                  for k, sh in self.active.items()}
+        done, self.done_delta = self.done_delta, []
+        return {"active": active, "done": done}
+
+
+class ShardStream(IterableDataset):
+    """Yields collated batches, each with its worker's progress under ``"__state__"``."""
+
+    def __init__(self, spec: StreamSpec, state: dict[str, Any], rank: int, world_size: int):
+        super().__init__()
+        self.spec, self.state, self.rank, self.world_size = spec, state, rank, world_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, nslots = self.rank * nworkers + wid, self.world_size * nworkers
+        spec = self.spec
+        # A fresh stream per (seed, layout, resume point): deterministic for a given checkpoint.
+        rng = np.random.default_rng([spec.seed, nslots, slot, int(self.state["samples"]), 0x57AE])
+        defects = DefectLog()
+        readers = [_SourceReader(spec, i, SourceProgress.from_json(self.state["sources"][i]), slot,
+                                 nslots, rng, defects) for i in range(len(spec.sources))]
+        weights = np.array([s.weight for s in spec.sources], dtype=np.float64)
+        known = [s.total_samples for s in spec.sources]
+        # More failed decodes in a row than the datasets hold samples: every sample is broken.
+        max_failures = (sum(known) if None not in known else 100_000) + 1000
+        failures = 0
+        while True:
+            samples, epochs = [], []
+            while len(samples) < spec.batch_size:
+                live = [r for r in readers if not r.exhausted]
+                if not live:
+                    break
+                if len(live) == 1:
+                    reader = live[0]
+                else:
+                    w = np.array([weights[r.index] for r in live])
+                    reader = live[int(rng.choice(len(live), p=w / w.sum()))]
+                entry = reader.pop()
+                if entry is None:
+                    continue
+                e, s, i, key, files = entry
+                try:
+                    samples.append(spec.decode(files, key, rng))
+                    epochs.append(e)
+                    failures = 0
+                    continue
+                except SampleDefect as d:
+                    defects.defect(d.reason, reader.source.shards[s].url, key, d.detail)
+                except SampleFiltered as f:
+                    defects.filter(f.reason)
+                failures += 1
+                if failures > max_failures and spec.max_epochs is None:
+                    raise DataError(f"{failures} samples in a row were skipped (defects: "
+                                    f"{dict(defects.by_reason)}, filtered: {dict(defects.filtered)}): "
+                                    f"the data or the filters leave nothing to train on")
+            if not samples or (len(samples) < spec.batch_size and spec.drop_last):
+                return
+            batch = spec.collate(samples)
+            # Which epoch of its dataset each sample belongs to: near an epoch boundary a batch
+            # mixes the tail of one epoch with the head of the next.
+            batch["epoch"] = torch.tensor(epochs, dtype=torch.long)
+            snap = {"worker": wid, "sources": [r.snapshot() for r in readers],
+                    "samples": len(samples), "defects": defects.take_delta()}
+            batch["__state__"] = pickle.dumps(snap, protocol=pickle.HIGHEST_PROTOCOL)
+            yield batch
+
+
+# --------------------------------------------------------------------------------- main process
+
+
+class _RankProgress:
+    """The main process's view of what its workers delivered to the training loop."""
+
+    def __init__(self, nsources: int):
+        self.done: list[set[tuple[int, int]]] = [set() for _ in range(nsources)]
+        self.active: list[dict[int, dict]] = [dict() for _ in range(nsources)]
+        self.samples = 0
+        self.defects = DefectLog()
+
+    def update(self, snap: dict[str, Any]) -> None:
+        wid = snap["worker"]
+        for i, src in enumerate(snap["sources"]):
+            self.done[i].update(src["done"])
+            self.active[i][wid] = src["active"]
+        self.samples += snap["samples"]
+        self.defects.add_state(snap["defects"])
+
+    def delta(self) -> dict[str, Any]:
+        sources = []
+        for i in range(len(self.done)):
+            epochs: dict[str, dict[str, Any]] = {}
+            for e, s in self.done[i]:
+                epochs.setdefault(str(e), {"done": [], "partial": {}})["done"].append(s)
+            # Workers own disjoint shards, so their active records never collide.
+            for active in self.active[i].values():
+                for (e, s), (c, p) in active.items():
+                    epochs.setdefault(str(e), {"done": [], "partial": {}})["partial"][str(s)] = [c, sorted(p)]
+            sources.append({"epochs": epochs})
+        return {"sources": sources, "samples": self.samples, "defects": self.defects.to_state()}
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class StreamingLoader:
+    """A rank's loader: wraps a ``DataLoader`` over :class:`ShardStream` and tracks exactly what
+    it delivered, so that :meth:`state_dict` can be saved in a checkpoint and restored on any
+    number of ranks and workers with :meth:`load_state_dict`.
+
+    ``postprocess`` runs in the main process on each batch (e.g. uint8 → float on the GPU).
+    """
+
+    def __init__(self, spec: StreamSpec, rank: int | None = None, world_size: int | None = None,
+                 num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2,
+                 postprocess: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+        r, w = _dist_info()
+        self.spec = spec
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.postprocess = postprocess
+        nslots = self.world_size * max(1, num_workers)
+        for src in spec.sources:
+            if len(src.shards) < nslots:
+                raise DataError(
+                    f"{src.url} has {len(src.shards)} shards but {self.world_size} ranks x "
+                    f"{max(1, num_workers)} workers = {nslots} readers each need at least one: "
+                    f"reshard it smaller (vqscale data shard --shard-size) or use fewer workers")
+        self._base = initial_state(spec.sources)
+        self._progress = _RankProgress(len(spec.sources))
+
+    # -- state
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+        if len(state["sources"]) != len(self.spec.sources):
+            raise DataError(f"loader state has {len(state['sources'])} datasets, config has "
+                            f"{len(self.spec.sources)}")
+        for saved, src in zip(state["sources"], self.spec.sources):
+            if saved["fingerprint"] != src.fingerprint:
+                raise DataError(f"loader state was saved for a different shard list of {src.url} "
+                                f"({saved['fingerprint']} != {src.fingerprint})")
+        self._base = state
+        self._progress = _RankProgress(len(self.spec.sources))
+
+    def local_delta(self) -> dict[str, Any]:
+        """This rank's progress since the state was loaded (merge with :func:`merge_states`)."""
+        return self._progress.delta()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global state; under torch.distributed a collective that every rank must call."""
+        delta = self.local_delta()
+        r, w = _dist_info()
+        if w > 1:
+            deltas: list[Any] = [None] * w
+            torch.distributed.all_gather_object(deltas, delta)
+        else:
+            deltas = [delta]
+        return merge_states(self._base, deltas)
+
+    @property
+    def samples_seen(self) -> int:
+        return int(self._base["samples"]) + self._progress.samples
+
+    @property
+    def defects(self) -> DefectLog:
+        return DefectLog.merged([self._base["defects"], self._progress.defects.to_state()])
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Nominal: samples of the first dataset per epoch // global batch (None if unknown)."""
+        n = self.spec.sources[0].total_samples
+        return None if n is None else max(1, n // (self.spec.batch_size * self.world_size))
+
+    # -- iteration
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._progress.samples or any(self._progress.done) or any(self._progress.active):
+            # Iterating again continues where the last iteration stopped (a collective under
+            # torch.distributed, like state_dict).
+            self.load_state_dict(self.state_dict())
+        ds = ShardStream(self.spec, self._base, self.rank, self.world_size)
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory and torch.cuda.is_available(), **kwargs)
+        for batch in loader:
+            self._progress.update(pickle.loads(batch.pop("__state__")))
+            yield self.postprocess(batch) if self.postprocess else batch

@@ -1,0 +1,139 @@
+"""The ``vqscale`` command: one verb per job, each module imported only when its verb runs.
+
+This is the one place that sees every package (DESIGN.md). Errors a user can fix (a bad
+override, a dataset URL with no shards) end the command with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+EPILOG = """examples:
+  vqscale demo --quick
+  vqscale data build-demo --out s3://bucket/demo
+  vqscale data shard --src ~/images --out s3://bucket/mydata --shard-size 256MB --resize 384
+  vqscale data inspect s3://bucket/mydata
+"""
+
+
+def _kv_floats(items: Sequence[str], flag: str) -> dict[str, float]:
+    out = {}
+    for item in items or ():
+        k, sep, v = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[k] = float(v)
+        except ValueError:
+            raise SystemExit(f"vqscale: error: {flag} expects FIELD=NUMBER, got {item!r}") from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vqscale", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Pretrain discrete image tokenizers and autoregressive priors, laptop to cluster.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    d = sub.add_parser("demo", help="the main job on embedded defaults (CPU, bundled images)",
+                       description="Build the demo dataset, stream it with a save/resume in the middle, "
+                                   "and write a summary under the run directory (runs/demo).")
+    d.add_argument("--quick", action="store_true", help="a smaller dataset and fewer steps")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set data.resolution=32 (repeatable)")
+
+    data = sub.add_parser("data", help="build, shard and inspect datasets")
+    dsub = data.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
+    b = dsub.add_parser("build-demo", help="write the demo dataset (images shipped in scikit-learn/-image)")
+    b.add_argument("--out", required=True, help="output folder or URL (e.g. s3://bucket/demo)")
+    b.add_argument("--quick", action="store_true", help="about 400 samples instead of about 2,400")
+    b.add_argument("--shard-samples", type=int, default=100, help="samples per shard (default 100)")
+    b.add_argument("--seed", type=int, default=0)
+
+    s = dsub.add_parser("shard", help="pack an image folder or img2dataset output into shards")
+    s.add_argument("--src", required=True, help="image folder (class sub-folders = labels) or .tar shards")
+    s.add_argument("--out", required=True, help="output folder or URL")
+    s.add_argument("--shard-size", default="256MB", help="target shard size (default 256MB)")
+    s.add_argument("--shard-samples", type=int, default=None, help="also cap samples per shard")
+    s.add_argument("--resize", type=int, default=0, help="pre-resize: shorter side down to N pixels")
+    s.add_argument("--prefix", default="data", help="shard name prefix (default data)")
+
+    i = dsub.add_parser("inspect", help="read a whole dataset and print a JSON summary")
+    i.add_argument("url", help="dataset folder, prefix, brace pattern or mixture")
+    i.add_argument("--threads", type=int, default=4, help="shards read at once (default 4)")
+    i.add_argument("--min-width", type=int, default=0)
+    i.add_argument("--min-height", type=int, default=0)
+    i.add_argument("--min-aspect", type=float, default=0.0)
+    i.add_argument("--max-aspect", type=float, default=0.0)
+    i.add_argument("--field-min", action="append", default=[], metavar="FIELD=X",
+                   help="drop samples whose metadata FIELD < X (e.g. similarity=0.28)")
+    i.add_argument("--field-max", action="append", default=[], metavar="FIELD=X",
+                   help="drop samples whose metadata FIELD > X (e.g. pwatermark=0.8)")
+    i.add_argument("--out", default=None, help="also write the JSON here")
+    return p
+
+
+def _data(args) -> int:
+    from data_pipeline import storage
+
+    if args.data_verb == "build-demo":
+        from data_pipeline.demo import build_demo
+
+        m = build_demo(args.out, quick=args.quick, shard_samples=args.shard_samples, seed=args.seed)
+        print(json.dumps({"out": args.out, "shards": len(m["shards"]), "samples": m["samples"],
+                          "bytes": m["bytes"]}))
+        return 0
+    if args.data_verb == "shard":
+        from data_pipeline.pack import pack
+
+        m = pack(args.src, args.out, shard_size=args.shard_size, shard_samples=args.shard_samples,
+                 resize=args.resize, prefix=args.prefix)
+        print(json.dumps({"out": args.out, "shards": len(m["shards"]), "samples": m["samples"],
+                          "bytes": m["bytes"], "defects": m["defects"]["total"]}))
+        return 0
+    if args.data_verb == "inspect":
+        from data_pipeline.config import FilterConfig
+        from data_pipeline.inspection import inspect_dataset
+
+        filters = FilterConfig(min_width=args.min_width, min_height=args.min_height,
+                               min_aspect=args.min_aspect, max_aspect=args.max_aspect,
+                               field_min=_kv_floats(args.field_min, "--field-min"),
+                               field_max=_kv_floats(args.field_max, "--field-max"))
+        summary = inspect_dataset(args.url, filters=filters, threads=args.threads)
+        text = json.dumps(summary, indent=2)
+        if args.out:
+            storage.write_text(args.out, text + "\n")
+        print(text)
+        return 0
+    raise AssertionError(args.data_verb)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from data_pipeline.sources import DataError
+
+    from .config import ConfigError
+
+    try:
+        if args.verb == "demo":
+            from .demo import run_demo
+
+            run_demo(quick=args.quick, overrides=args.overrides)
+            return 0
+        if args.verb == "data":
+            return _data(args)
+    except (ConfigError, DataError) as e:
+        print(f"vqscale: error: {e}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.verb)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
