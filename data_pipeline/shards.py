@@ -8,7 +8,9 @@ Writing streams: each shard goes straight to its URL through the storage seam (a
 on S3) while its sha256 is computed on the fly, so no dataset or shard is held in memory. Tars are
 written with fixed metadata (mtime 0, no owner) so the same samples give byte-identical shards.
 
-Reading yields ``(index, key, files)`` where ``index`` counts sample groups in tar order: that
+Reading streams the tar with :mod:`tarfile` over an fsspec file object (webdataset 1.0.2 has no
+s3 opener; its own reader reads these shards too, which the tests check). It yields
+``(index, key, files)`` where ``index`` counts sample groups in tar order: that
 order is the deterministic in-shard order the resumable stream's cursors refer to. Transient
 read errors are retried with backoff by reopening the object and seeking back to the byte
 offset; a shard that stays broken ends with a :class:`ShardError` naming why, after every sample
@@ -24,8 +26,6 @@ import tarfile
 import time
 from datetime import datetime, timezone
 from typing import Any, Iterator
-
-from webdataset.tariterators import tar_file_iterator
 
 from . import storage
 from .defects import IO_ERROR, TRUNCATED_SHARD, UNREADABLE_SHARD
@@ -84,12 +84,16 @@ class ShardWriter:
 
     A new shard starts when the current one reaches ``max_bytes`` or ``max_samples``.
     ``extra`` is merged into the manifest (code shards add tokenizer, grid and codebook size).
+    With ``name``, exactly one shard of that name is written (a code shard takes its image
+    shard's name): it never rolls over, and it is written even when empty, so that its
+    existence records that its source was processed.
     """
 
     def __init__(self, root: str, prefix: str = "data", max_bytes: int = DEFAULT_SHARD_BYTES,
                  max_samples: int | None = None, extra: dict[str, Any] | None = None,
-                 write_manifest: bool = True):
+                 write_manifest: bool = True, name: str | None = None):
         self.root = root
+        self.name = name
         self.prefix = prefix
         self.max_bytes = max_bytes
         self.max_samples = max_samples
@@ -105,7 +109,7 @@ class ShardWriter:
 
     # A shard is a context (atomic_open) held open across write() calls.
     def _open_next(self) -> None:
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        name = self.name if self.name is not None else f"{self.prefix}-{len(self.shards):06d}.tar"
         self._name = name
         self._ctx = storage.atomic_open(storage.join(self.root, name), "wb")
         f = self._ctx.__enter__()
@@ -120,6 +124,7 @@ class ShardWriter:
         tar, ctx, h = self._tar, self._ctx, self._hash
         self._tar = self._ctx = self._hash = None
         if exc is not None:
+            tar.fileobj.closed = True  # aborted: the tar stream must not flush into the dead file later
             ctx.__exit__(type(exc), exc, exc.__traceback__)
             return
         tar.close()
@@ -143,11 +148,14 @@ class ShardWriter:
             info.mode = 0o444
             self._tar.addfile(info, io.BytesIO(data))
         self._count += 1
-        if self._hash.nbytes >= self.max_bytes or (self.max_samples and self._count >= self.max_samples):
+        if self.name is None and (self._hash.nbytes >= self.max_bytes
+                                  or (self.max_samples and self._count >= self.max_samples)):
             self._finish()
 
     def close(self) -> dict[str, Any]:
         """Finish the last shard and write the manifest; returns the manifest."""
+        if self.name is not None and self._tar is None and not self.shards:
+            self._open_next()
         self._finish()
         manifest = make_manifest(self.shards, **self.extra)
         if self.write_manifest:
@@ -268,15 +276,21 @@ def iter_shard(url: str, retries: int = 4, backoff: float = 0.5,
         key = None
         files: dict[str, bytes] = {}
         try:
-            for item in tar_file_iterator(reader):
-                k, ext = split_key(item["fname"])
+            stream = tarfile.open(fileobj=reader, mode="r|*")
+            for info in stream:
+                if not info.isreg() or info.name.rsplit("/", 1)[-1].startswith("__"):
+                    continue
+                k, ext = split_key(info.name)
                 if k != key:
+                    # A new key's header closes the previous group, so a shard cut inside this
+                    # member's data still delivers every complete sample before it.
                     if key is not None:
                         if want is None or want(index):
                             yield index, key, files
                         index += 1
                     key, files = k, {}
-                files[ext] = item["data"]
+                files[ext] = stream.extractfile(info).read()
+                stream.members = []  # streaming: do not keep every TarInfo of a 10k-sample shard
         except (tarfile.ReadError, EOFError) as e:
             # Not a tar at all, or a tar cut short: everything complete before it was yielded.
             reason = TRUNCATED_SHARD if (index > 0 or key is not None) else UNREADABLE_SHARD

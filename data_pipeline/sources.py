@@ -51,8 +51,9 @@ class Source:
         """Identifies the shard list; a loader state saved for another list is refused."""
         h = hashlib.sha1()
         for s in self.shards:
-            h.update(s.name.encode())
-            h.update(b"\0")
+            # Names and sample counts, not URLs: the same dataset copied from a local folder to
+            # s3:// keeps its fingerprint, so a run can resume after moving its data.
+            h.update(f"{s.name}\0{s.samples}\0".encode())
         return f"{len(self.shards)}:{h.hexdigest()[:16]}"
 
 

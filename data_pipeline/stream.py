@@ -277,8 +277,7 @@ class _SourceReader:
         self.buffer: list[tuple[int, int, int, str, dict[str, bytes]]] = []
         self.done_delta: list[tuple[int, int]] = []
         self.exhausted = False
-        self._watch: dict[int, list[int]] = {}
-        self._buffered: dict[int, int] = defaultdict(int)
+        self._watch: dict[int, dict[str, int]] = {}
         self._tasks = self._task_iter()
 
     def _task_iter(self):
@@ -290,23 +289,35 @@ class _SourceReader:
             # An endless stream over a source that yields nothing would spin forever: watch each
             # fresh epoch, and fail once all of this slot's shards of it ended with no sample.
             if self.progress.epochs.get(e) is None and mine and last is None:
-                self._watch[e] = [len(mine), 0]
+                self._watch[e] = {"shards": len(mine), "ended": 0, "buffered": 0, "resolved": 0, "ok": 0}
             for s, cursor, pending in mine:
                 sh = self.source.shards[s]
                 yield _OpenShard(e, s, sh.url, sh.samples, cursor, pending, self.spec)
             e += 1
 
     def _shard_ended(self, sh: _OpenShard) -> None:
-        watch = self._watch.get(sh.epoch)
-        if watch is None:
+        if sh.epoch in self._watch:
+            self._watch[sh.epoch]["ended"] += 1
+            self._check(sh.epoch)
+
+    def note(self, epoch: int, ok: bool) -> None:
+        """Called once per sample taken from the buffer: decoded (ok) or skipped."""
+        w = self._watch.get(epoch)
+        if w is not None:
+            w["resolved"] += 1
+            w["ok"] += ok
+            self._check(epoch)
+
+    def _check(self, epoch: int) -> None:
+        w = self._watch[epoch]
+        if w["ended"] < w["shards"] or w["resolved"] < w["buffered"]:
             return
-        watch[1] += 1
-        if watch[1] == watch[0]:
-            del self._watch[sh.epoch]
-            if not self._buffered.pop(sh.epoch, 0):
-                raise DataError(f"no usable sample in {watch[0]} shards of {self.source.url} "
-                                f"(epoch {sh.epoch}); defects so far: {dict(self.defects.by_reason)}, "
-                                f"filtered: {dict(self.defects.filtered)}")
+        del self._watch[epoch]
+        if not w["ok"]:
+            raise DataError(f"no usable sample in {w['shards']} shards of {self.source.url} "
+                            f"(epoch {epoch}): defects so far {dict(self.defects.by_reason)}, "
+                            f"filtered {dict(self.defects.filtered)}; the data or the filters leave "
+                            f"nothing to train on")
 
     def _read_one(self) -> bool:
         while True:
@@ -335,7 +346,7 @@ class _SourceReader:
             sh.in_buffer += 1
             self.buffer.append((sh.epoch, sh.shard, i, key, files))
             if sh.epoch in self._watch:
-                self._buffered[sh.epoch] += 1
+                self._watch[sh.epoch]["buffered"] += 1
             return True
 
     def _retire_if_done(self, sh: _OpenShard) -> None:
@@ -387,10 +398,6 @@ class ShardStream(IterableDataset):
         readers = [_SourceReader(spec, i, SourceProgress.from_json(self.state["sources"][i]), slot,
                                  nslots, rng, defects) for i in range(len(spec.sources))]
         weights = np.array([s.weight for s in spec.sources], dtype=np.float64)
-        known = [s.total_samples for s in spec.sources]
-        # More failed decodes in a row than the datasets hold samples: every sample is broken.
-        max_failures = (sum(known) if None not in known else 100_000) + 1000
-        failures = 0
         while True:
             samples, epochs = [], []
             while len(samples) < spec.batch_size:
@@ -409,17 +416,13 @@ class ShardStream(IterableDataset):
                 try:
                     samples.append(spec.decode(files, key, rng))
                     epochs.append(e)
-                    failures = 0
-                    continue
+                    reader.note(e, True)
                 except SampleDefect as d:
                     defects.defect(d.reason, reader.source.shards[s].url, key, d.detail)
+                    reader.note(e, False)
                 except SampleFiltered as f:
                     defects.filter(f.reason)
-                failures += 1
-                if failures > max_failures and spec.max_epochs is None:
-                    raise DataError(f"{failures} samples in a row were skipped (defects: "
-                                    f"{dict(defects.by_reason)}, filtered: {dict(defects.filtered)}): "
-                                    f"the data or the filters leave nothing to train on")
+                    reader.note(e, False)
             if not samples or (len(samples) < spec.batch_size and spec.drop_last):
                 return
             batch = spec.collate(samples)

@@ -1,0 +1,257 @@
+"""The resumable stream: partitioning, determinism, exact resume at another world size, epoch
+tails, mixing, start-up errors, and LAION-scale shard lists."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+
+from data_pipeline import storage
+from data_pipeline.config import DataConfig
+from data_pipeline.images import image_loader
+from data_pipeline.sources import DataError, open_sources
+from data_pipeline.stream import SourceProgress, StreamingLoader, merge_states, slot_shards
+from tests.datasets import make_dataset
+
+
+def cfg(url: str, **kw) -> DataConfig:
+    kw.setdefault("shuffle_buffer", 32)
+    return DataConfig(url=url, resolution=8, **kw)
+
+
+def take(loader, n_batches=None):
+    """(epoch, key) pairs of the first ``n_batches`` batches (all, for a finite stream)."""
+    out = []
+    for i, batch in enumerate(loader):
+        assert batch["image"].shape[1:] == (3, 8, 8)
+        out += zip(batch["epoch"].tolist(), batch["key"])
+        if n_batches is not None and i + 1 == n_batches:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """12 shards of uneven sizes (143 samples)."""
+    root = str(tmp_path_factory.mktemp("uneven"))
+    keys = make_dataset(root, [5, 17, 9, 14, 3, 20, 11, 8, 16, 12, 6, 22])
+    return root, keys
+
+
+def test_one_pass_delivers_every_sample_once(uneven):
+    root, keys = uneven
+    got = take(image_loader(cfg(root), 10, num_workers=2, max_epochs=1))
+    assert sorted(k for _, k in got) == sorted(keys)
+    assert {e for e, _ in got} == {0}
+
+
+def test_ranks_and_workers_are_disjoint_and_cover_the_dataset(uneven):
+    root, keys = uneven
+    per_rank = [take(image_loader(cfg(root), 7, rank=r, world_size=2, num_workers=2, max_epochs=1))
+                for r in range(2)]
+    a, b = ({k for _, k in p} for p in per_rank)
+    assert not a & b
+    assert sorted(a | b) == sorted(keys)
+    assert sum(len(p) for p in per_rank) == len(keys)
+
+
+def test_same_config_same_stream(uneven):
+    root, _ = uneven
+    first = take(image_loader(cfg(root), 8, seed=3, num_workers=2), 12)
+    second = take(image_loader(cfg(root), 8, seed=3, num_workers=2), 12)
+    other_seed = take(image_loader(cfg(root), 8, seed=4, num_workers=2), 12)
+    assert first == second
+    assert first != other_seed
+
+
+def test_endless_stream_gives_full_equal_batches_on_every_rank(uneven):
+    root, keys = uneven
+    steps = 3 * len(keys) // (2 * 6)  # about three epochs on 2 ranks
+    for r in range(2):
+        sizes = [len(b["key"]) for _, b in zip(range(steps), image_loader(cfg(root), 6, rank=r, world_size=2,
+                                                                           num_workers=2))]
+        assert sizes == [6] * steps
+
+
+def _phase(root, world, workers, batches, state=None, batch=8, **kw):
+    loaders, seen = [], []
+    for r in range(world):
+        loader = image_loader(cfg(root, **kw), batch, rank=r, world_size=world, num_workers=workers,
+                              max_epochs=None if batches else 1)
+        if state is not None:
+            loader.load_state_dict(state)
+        seen += take(loader, batches)
+        loaders.append(loader)
+    base = loaders[0]._base
+    merged = merge_states(base, [loader.local_delta() for loader in loaders])
+    return seen, json.loads(json.dumps(merged))  # the state must survive a JSON checkpoint
+
+
+@pytest.mark.parametrize("first,second", [((2, 2), (3, 1)), ((1, 0), (2, 2)), ((3, 1), (1, 2))])
+def test_resume_on_another_world_size_is_exact(uneven, first, second):
+    root, keys = uneven
+    seen1, state = _phase(root, *first, batches=3, shuffle_buffer=40)
+    assert state["samples"] == len(seen1)
+    seen2, _ = _phase(root, *second, batches=None, state=state)
+    epoch0 = [k for e, k in seen1 + seen2 if e == 0]
+    assert len(epoch0) == len(set(epoch0)), "a sample was repeated"
+    assert sorted(epoch0) == sorted(keys), "a sample was dropped"
+
+
+def test_resume_across_epoch_boundaries_is_exact(uneven):
+    root, keys = uneven
+    seen1, state = _phase(root, 2, 2, batches=13, batch=6)       # 156 > 143 samples: into epoch 1
+    assert max(e for e, _ in seen1) >= 1
+    loaders = []
+    seen2 = []
+    for r in range(3):
+        loader = image_loader(cfg(root), 5, rank=r, world_size=3, num_workers=1, max_epochs=2)
+        loader.load_state_dict(state)
+        seen2 += take(loader)
+        loaders.append(loader)
+    first_epoch = state["sources"][0]["first_epoch"]
+    counts = collections.Counter(seen1 + seen2)
+    for epoch in range(first_epoch + 1):
+        got = sorted(k for (e, k), c in counts.items() if e == epoch for _ in range(c))
+        assert got == sorted(keys), f"epoch {epoch} not exact"
+
+
+def test_state_counts_defects_and_samples(uneven):
+    root, _ = uneven
+    loader = image_loader(cfg(root), 4, num_workers=2)
+    take(loader, 5)
+    state = loader.state_dict()
+    assert state["samples"] == 20 == loader.samples_seen
+    loader2 = image_loader(cfg(root), 4, num_workers=1)
+    loader2.load_state_dict(state)
+    take(loader2, 2)
+    assert loader2.samples_seen == 28
+
+
+def test_iterating_again_continues(uneven):
+    root, keys = uneven
+    loader = image_loader(cfg(root), 9, num_workers=2, max_epochs=1)
+    a = take(loader, 4)
+    b = take(loader)
+    assert sorted(k for _, k in a + b) == sorted(keys)
+
+
+def test_state_for_another_dataset_is_refused(uneven, tmp_path):
+    root, _ = uneven
+    state = image_loader(cfg(root), 4).state_dict()
+    other = str(tmp_path / "other")
+    make_dataset(other, [3] * 12)
+    with pytest.raises(DataError, match="different shard list"):
+        image_loader(cfg(other), 4).load_state_dict(state)
+
+
+def test_mixture_follows_weights(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    make_dataset(a, [40] * 4, prefix="a")
+    make_dataset(b, [40] * 4, prefix="b")
+    got = take(image_loader(cfg(f"{a}::0.8,{b}::0.2"), 20, num_workers=2), 25)
+    frac = sum(k.startswith("a") for _, k in got) / len(got)
+    assert 0.72 < frac < 0.88, frac
+
+
+def test_no_shards_and_too_few_shards_are_clear_errors(tmp_path, uneven):
+    with pytest.raises(DataError, match="no shards found"):
+        image_loader(cfg(str(tmp_path / "empty")), 4)
+    root, _ = uneven
+    with pytest.raises(DataError, match="12 shards but 4 ranks x 4 workers"):
+        image_loader(cfg(root), 4, rank=0, world_size=4, num_workers=4)
+    with pytest.raises(DataError, match="bad mixture weight"):
+        image_loader(cfg(f"{root}::heavy"), 4)
+
+
+def test_brace_patterns_expand_without_listing(uneven, monkeypatch):
+    root, keys = uneven
+    names = sorted(n for n in storage.listdir(root) if n.endswith(".tar"))
+    monkeypatch.setattr(storage, "listdir", lambda *_: pytest.fail("listed a folder"))
+    monkeypatch.setattr(storage, "glob", lambda *_: pytest.fail("globbed a folder"))
+    url = f"{root}/{{{','.join(n[:-4] for n in names)}}}.tar"
+    got = take(image_loader(cfg(url), 10, num_workers=2, max_epochs=1))
+    assert sorted(k for _, k in got) == sorted(keys)
+
+
+def test_laion_scale_manifest_opens_without_listing(tmp_path, monkeypatch):
+    n = 100_000
+    manifest = {"shards": [{"name": f"laion-{i:06d}.tar", "samples": 10_000, "bytes": 1 << 28, "sha256": ""}
+                           for i in range(n)], "samples": n * 10_000}
+    storage.write_json(str(tmp_path / "manifest.json"), manifest, indent=None)
+    monkeypatch.setattr(storage, "listdir", lambda *_: pytest.fail("listed a bucket"))
+    monkeypatch.setattr(storage, "glob", lambda *_: pytest.fail("globbed a bucket"))
+    [source] = open_sources(str(tmp_path))
+    assert len(source.shards) == n and source.total_samples == n * 10_000
+    # 256 ranks x 8 workers: every reader slot gets a disjoint share of every epoch.
+    loader = image_loader(cfg(str(tmp_path)), 64, rank=255, world_size=256, num_workers=8)
+    assert loader.steps_per_epoch == n * 10_000 // (64 * 256)
+    progress = SourceProgress(n)
+    slots = [slot_shards(progress, 0, 0, 0, s, 2048) for s in (0, 1, 2047)]
+    assert [len(s) for s in slots] == [49, 49, 48]
+    assert not set(x[0] for x in slots[0]) & set(x[0] for x in slots[1])
+    # Half an epoch consumed and 2048 partial shards: the state stays small.
+    for s in range(0, n, 2):
+        progress.epoch(0).mark_done(s)
+    for s in range(1, 4096, 2):
+        progress.epoch(0).mark_partial(s, 500, frozenset(range(480, 500)))
+    text = json.dumps(progress.to_json())
+    assert len(text) < 1_000_000
+    back = SourceProgress.from_json(json.loads(text))
+    assert back.consumed(0, 2, 9_999) and back.consumed(0, 1, 10) and not back.consumed(0, 1, 490)
+    assert len(slot_shards(back, 0, 0, 0, 0, 1)) == n // 2
+
+
+def test_loader_state_is_a_collective_across_real_processes(tmp_path, uneven):
+    """Two real processes on gloo: state_dict() gathers both ranks' progress."""
+    import os
+    import subprocess
+    import sys
+
+    root, keys = uneven
+    script = tmp_path / "ranks.py"
+    script.write_text(f"""
+import json, os, torch.distributed as dist
+from data_pipeline.config import DataConfig
+from data_pipeline.images import image_loader
+dist.init_process_group("gloo")
+loader = image_loader(DataConfig(url={root!r}, resolution=8, shuffle_buffer=16), 5, num_workers=2)
+seen = []
+for i, b in enumerate(loader):
+    seen += list(zip(b["epoch"].tolist(), b["key"]))
+    if i == 2:
+        break
+state = loader.state_dict()
+with open(os.path.join({str(tmp_path)!r}, f"rank{{dist.get_rank()}}.json"), "w") as f:
+    json.dump({{"seen": seen, "state": state}}, f)
+dist.destroy_process_group()
+""")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
+                           str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert out[0]["state"] == out[1]["state"]
+    state = out[0]["state"]
+    seen1 = [tuple(x) for o in out for x in o["seen"]]
+    assert state["samples"] == len(seen1) == 30
+    rest = take(_resumed(root, state))
+    epoch0 = [k for e, k in seen1 + rest if e == 0]
+    assert sorted(epoch0) == sorted(keys)
+
+
+def _resumed(root, state):
+    loader = image_loader(cfg(root), 7, num_workers=2, max_epochs=1)
+    loader.load_state_dict(state)
+    return loader
+
+
+def test_streaming_loader_rejects_bad_state_version(uneven):
+    root, _ = uneven
+    loader = image_loader(cfg(root), 4)
+    with pytest.raises(DataError, match="version"):
+        loader.load_state_dict({"version": 99, "sources": []})
+    assert isinstance(loader, StreamingLoader)
