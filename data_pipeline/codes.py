@@ -230,7 +230,8 @@ class CodeDecoder:
     num_tokens: int | None = None
     grid_size: tuple[int, int] | None = None
 
-    def __call__(self, files: dict[str, bytes], key: str, rng: np.random.Generator | None = None) -> dict[str, Any]:
+    def __call__(self, files: dict[str, bytes], key: str,
+                 rng: np.random.Generator | None = None) -> dict[str, Any]:
         if CODES not in files:
             raise SampleDefect(MISSING_CODES, f"files: {sorted(files)}")
         codes = _load_npy(files, CODES, "iu").astype(np.int64)
@@ -283,17 +284,16 @@ def collate_codes(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _manifest_value(sources, field: str, given: Any) -> Any:
-    """The value all sources' manifests agree on (None if none has it); ``given`` must match."""
-    found = {}
-    for src in sources:
-        v = (src.manifest or {}).get(field)
-        if v is not None:
-            found[src.url] = tuple(v) if isinstance(v, list) else v
-    values = set(found.values())
+    """The value all sources' manifests agree on (None if none has it); ``given`` must match it,
+    since a model configured for other codes than the data's would train on garbage."""
+    found = {src.url: src.manifest[field] for src in sources
+             if src.manifest and src.manifest.get(field) is not None}
+    values = {tuple(v) if isinstance(v, list) else v for v in found.values()}
     if len(values) > 1:
-        raise DataError(f"the datasets disagree on {field}: {found} (a prior trains on one tokenizer's codes)")
+        raise DataError(f"the datasets disagree on {field}: {found} (a prior trains on one "
+                        f"tokenizer's codes)")
     value = values.pop() if values else None
-    if given is not None and value is not None and (tuple(given) if isinstance(given, (list, tuple)) else given) != value:
+    if given is not None and value is not None and given != value:
         raise DataError(f"{field}={given!r} was asked for, but the code shards have {value!r}")
     return given if given is not None else value
 
