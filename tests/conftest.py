@@ -1,0 +1,62 @@
+"""Shared fixtures: a real S3 server (SeaweedFS) for the session and a fresh bucket per test."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+
+import pytest
+
+# The repository root, so `import tests.s3server` and the project packages import however pytest
+# was started (pytest's rootdir insertion normally does this already).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from data_pipeline import storage  # noqa: E402
+from tests.s3server import SeaweedS3  # noqa: E402
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A SeaweedFS S3 server on 127.0.0.1; ``os.environ`` points s3fs at it for the session.
+
+    If it cannot start, tests that need it are skipped, except in CI (``CI=true``), where the
+    fixture fails instead.
+    """
+    server = SeaweedS3()
+    try:
+        server.start()
+    except Exception as e:  # noqa: BLE001
+        if _in_ci():
+            raise RuntimeError(f"CI=true and the S3 test server could not start: {e}") from e
+        pytest.skip(f"S3 test server (SeaweedFS) could not start: {e}")
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    storage.configure("s3")  # drop cached filesystems so they see the new environment
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage.configure("s3")
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket; yields ``s3://NAME``."""
+    name = "t-" + uuid.uuid4().hex[:20]
+    yield s3_server.create_bucket(name)
+    try:
+        s3_server.delete_bucket(name)
+    except Exception:  # noqa: BLE001 - best effort; the server's folder is temporary anyway
+        pass
