@@ -424,6 +424,11 @@ class ShardStream(IterableDataset):
                     defects.filter(f.reason)
                     reader.note(e, False)
             if not samples or (len(samples) < spec.batch_size and spec.drop_last):
+                # The end of a finite stream: a last message with no samples carries the progress
+                # and the defects counted since the last batch, so none of them is lost.
+                snap = {"worker": wid, "sources": [r.snapshot() for r in readers], "samples": 0,
+                        "defects": defects.take_delta()}
+                yield {"__state__": pickle.dumps(snap, protocol=pickle.HIGHEST_PROTOCOL)}
                 return
             batch = spec.collate(samples)
             # Which epoch of its dataset each sample belongs to: near an epoch boundary a batch
@@ -561,4 +566,6 @@ class StreamingLoader:
                             pin_memory=self.pin_memory and torch.cuda.is_available(), **kwargs)
         for batch in loader:
             self._progress.update(pickle.loads(batch.pop("__state__")))
+            if not batch:
+                continue  # a worker's closing message: progress only
             yield self.postprocess(batch) if self.postprocess else batch
