@@ -29,7 +29,7 @@ import torch
 from . import storage
 from .defects import CORRUPT_CODES, MISSING_CODES, SampleDefect
 from .images import read_caption, read_label
-from .shards import MANIFEST, ShardWriter, iter_shard, make_manifest
+from .shards import MANIFEST, ShardWriter, WriterContext, iter_shard, make_manifest
 from .sources import DataError
 
 CODES, POSITIONS, TEXT_EMB = "codes.npy", "pos.npy", "txtemb.npy"
@@ -55,7 +55,7 @@ def _int_vector(name: str, value: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------------- writing
 
 
-class CodeShardWriter:
+class CodeShardWriter(WriterContext):
     """Writes ONE code shard ``ROOT/NAME`` atomically; :meth:`close` returns its manifest entry
     ``{name, samples, bytes, sha256}`` (also kept as :attr:`entry`).
 
@@ -125,14 +125,6 @@ class CodeShardWriter:
     def abort(self, exc: BaseException) -> None:
         self._w.abort(exc)  # the half-written shard never appears under its name
 
-    def __enter__(self) -> "CodeShardWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None:
-            self.abort(exc)
-        else:
-            self.close()
 
 
 def write_code_manifest(root: str, entries: list[dict[str, Any]], tokenizer_name: str,

@@ -79,7 +79,27 @@ def split_key(fname: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower() if dot else ""
 
 
-class ShardWriter:
+class WriterContext:
+    """``with writer:`` closes (commits) on success and aborts on an exception, so a shard that
+    was not finished never appears under its name."""
+
+    def close(self):
+        raise NotImplementedError
+
+    def abort(self, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.abort(exc)
+        else:
+            self.close()
+
+
+class ShardWriter(WriterContext):
     """Writes samples into ``ROOT/PREFIX-000000.tar, ...`` and a manifest on :meth:`close`.
 
     A new shard starts when the current one reaches ``max_bytes`` or ``max_samples``.
@@ -164,15 +184,6 @@ class ShardWriter:
 
     def abort(self, exc: BaseException) -> None:
         self._finish(exc)
-
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None:
-            self.abort(exc)
-        else:
-            self.close()
 
 
 def make_manifest(shards: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

@@ -97,3 +97,20 @@ def test_a_server_that_goes_away_is_counted_not_fatal(tmp_path, s3_bucket, s3_se
     d = loader.defects
     assert d.by_reason == {"unreadable_shard": 11} and d.lost_samples == 420
     assert proxy.refused > 0
+
+
+def test_shard_command_writes_to_s3_and_inspect_reads_a_prefix_without_manifest(tmp_path, s3_bucket, s3_server):
+    from tests.test_shards import _image_folder
+
+    src = str(tmp_path / "images")
+    _image_folder(src)
+    out = json.loads(_cli("data", "shard", "--src", src, "--out", f"{s3_bucket}/packed", "--shard-samples", "2",
+                          "--resize", "96", env=s3_server.env()))
+    assert out == {"out": f"{s3_bucket}/packed", "shards": 4, "samples": 8, "bytes": out["bytes"], "defects": 1}
+    # The same shards under a prefix with no manifest: inspect lists the prefix once.
+    for name in storage.listdir(f"{s3_bucket}/packed"):
+        if name.endswith(".tar"):
+            storage.write_bytes(f"{s3_bucket}/bare/{name}", storage.read_bytes(f"{s3_bucket}/packed/{name}"))
+    summary = json.loads(_cli("data", "inspect", f"{s3_bucket}/bare", env=s3_server.env()))
+    assert summary["manifest"] is False and summary["shards"] == 4 and summary["samples"] == 8
+    assert summary["labels"] == {"0": 5, "1": 3}
