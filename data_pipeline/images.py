@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import get_worker_info
 
 from .config import DataConfig, FilterConfig
 from .defects import (CORRUPT_IMAGE, CORRUPT_METADATA, EMPTY_IMAGE, MISSING_IMAGE, SampleDefect,
@@ -125,9 +126,8 @@ def decode_image(data: bytes, resolution: int | None = None, draft: bool = True)
             w, h = img.size
             s = resolution / min(w, h)
             img.draft("RGB", (max(1, int(np.ceil(w * s))), max(1, int(np.ceil(h * s)))))
-        img = img.convert("RGB")
         img.load()
-        return img
+        return img if img.mode == "RGB" else img.convert("RGB")  # convert() copies even RGB
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             EOFError) as e:
         raise SampleDefect(CORRUPT_IMAGE, repr(e)[:200]) from None
@@ -177,9 +177,20 @@ class ImageDecoder:
                 "caption": read_caption(files), "key": key}
 
 
+def stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, written straight into shared memory inside a dataloader worker, so the
+    batch is not copied again on its way to the main process (what torch's default collate does)."""
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first.untyped_storage()._new_shared(len(tensors) * first.numel() * first.element_size())
+    out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "image": torch.stack([s["image"] for s in samples]).permute(0, 3, 1, 2),
+        "image": stack_shared([s["image"] for s in samples]).permute(0, 3, 1, 2),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
