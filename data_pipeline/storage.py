@@ -304,10 +304,11 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[io.IOBase]:
             f.flush()
             f.detach()
     except BaseException:
-        # Abort: a half-written object must never appear under the final name.
-        if hasattr(raw, "discard"):
-            raw.discard()
-        raw.closed = True if hasattr(raw, "discard") else raw.closed
+        # Abort: a half-written object must never appear under the final name. discard() drops
+        # the buffer and aborts the multipart upload; marking the file closed keeps close() and
+        # __del__ from committing what was written.
+        raw.discard()
+        raw.closed = True
         raise
     raw.close()
 
