@@ -1,0 +1,5 @@
+"""model_zoo: torch modules (quantizers, tokenizers, priors, discriminators, perceptual nets), the
+registry of named presets, sampling and the zoo package format. Single-device code: DeepSpeed,
+activation checkpointing and compile are applied from outside (pretrain)."""
+
+from .registry import create_model, list_models, register_model  # noqa: F401

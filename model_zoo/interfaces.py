@@ -1,0 +1,77 @@
+"""The interfaces every tokenizer and quantizer implements (DESIGN.md, "Contracts").
+
+Tokenizer: ``encode(images) -> Tokens`` (``codes`` long ``[B, N]`` in flat raster order over the
+token grid; ``positions`` long ``[B, N]``, the sorted flat raster indices of the kept positions for
+masked tokenizers such as MQ-VAE, else None), ``decode(codes, positions=None) -> images``, the
+attributes ``codebook_size``, ``grid_size`` (h, w) and ``num_tokens`` (N), and for training
+``forward(images) -> TokenizerOutput``. Images are float ``[B, 3, H, W]`` in ``[-1, 1]``.
+
+Quantizer: ``forward(z) -> QuantizerOutput`` over features in the last dimension (``[..., C]``),
+``lookup(codes) -> z_q`` (the inverse used by ``decode``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Tokens:
+    codes: torch.Tensor                       # long [B, N]
+    positions: torch.Tensor | None = None     # long [B, N], masked tokenizers only
+
+
+@dataclass
+class QuantizerOutput:
+    """What a quantizer returns for features ``z`` of shape ``[..., C]``.
+
+    ``z_q`` has the shape of ``z`` and passes gradients straight through to ``z``. ``loss`` is the
+    quantizer's own training term (codebook + beta * commitment; commitment only with EMA
+    updates). ``losses`` names every term that went into it and the optional regularizers
+    (``prior_kl`` for Regularized VQ), already unweighted unless the name says so. ``distances``
+    is ``||z - z_q||^2`` per position in the lookup space (``[...]``, detached), used to weight
+    the probabilistic contrastive loss. ``stats`` are detached scalars for logging: ``usage``
+    (fraction of the codebook used in the batch), ``perplexity``, ``dead_codes``.
+    """
+
+    z_q: torch.Tensor
+    codes: torch.Tensor
+    loss: torch.Tensor
+    distances: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TokenizerOutput:
+    """``forward(images)`` for training: the reconstruction and everything losses need."""
+
+    recon: torch.Tensor                        # [B, 3, H, W], no output activation
+    quant: QuantizerOutput
+    tokens: Tokens
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)   # e.g. MQ-VAE mask scores
+
+
+class Tokenizer(nn.Module):
+    """Base class: subclasses set ``codebook_size``, ``grid_size``, ``num_tokens`` and implement
+    ``forward``, ``encode``, ``decode`` and ``last_layer``."""
+
+    codebook_size: int
+    grid_size: tuple[int, int]
+    num_tokens: int
+
+    def encode(self, images: torch.Tensor) -> Tokens:
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> TokenizerOutput:
+        raise NotImplementedError
+
+    def last_layer(self) -> torch.Tensor:
+        """The weight of the decoder's last layer (the adaptive GAN weight differentiates it)."""
+        raise NotImplementedError
