@@ -2,4 +2,7 @@
 registry of named presets, sampling and the zoo package format. Single-device code: DeepSpeed,
 activation checkpointing and compile are applied from outside (pretrain)."""
 
-from .registry import create_model, list_models, register_model  # noqa: F401
+from .registry import create_model, list_models, model_entry, register_model  # noqa: F401
+
+# Importing the model files registers their presets.
+from . import discriminators, mqvae, vit_vqgan, vqgan  # noqa: E402,F401

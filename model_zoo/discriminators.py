@@ -320,7 +320,7 @@ class PatchGANDiscriminator(nn.Module):
 # Presets
 # --------------------------------------------------------------------------------------------
 
-@register_model("stylegan2-disc-256", kind="discriminator", paper=_STYLEGAN2)
+@register_model("stylegan2-disc", kind="discriminator", paper=_STYLEGAN2)
 def stylegan2_disc_256(**overrides) -> StyleGAN2Discriminator:
     """ViT-VQGAN's discriminator at 256 px (config-F channels, 128..512)."""
     return StyleGAN2Discriminator(replace(StyleGAN2DiscConfig(resolution=256), **overrides))

@@ -56,12 +56,13 @@ class TokenizerOutput:
 
 
 class Tokenizer(nn.Module):
-    """Base class: subclasses set ``codebook_size``, ``grid_size``, ``num_tokens`` and implement
+    """Base class: subclasses set ``codebook_size``, ``grid_size``, ``num_tokens``, ``image_size`` and implement
     ``forward``, ``encode``, ``decode`` and ``last_layer``."""
 
     codebook_size: int
     grid_size: tuple[int, int]
     num_tokens: int
+    image_size: int          # square input side in pixels
 
     def encode(self, images: torch.Tensor) -> Tokens:
         raise NotImplementedError

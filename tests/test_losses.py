@@ -308,7 +308,7 @@ def test_loss_weights_defaults():
 # ---------------------------------------------------------------------------- discriminators
 
 def test_registered_presets():
-    assert {"stylegan2-disc-256", "stylegan2-disc-tiny", "patchgan", "patchgan-tiny"} <= set(
+    assert {"stylegan2-disc", "stylegan2-disc-tiny", "patchgan", "patchgan-tiny"} <= set(
         list_models(kind="discriminator"))
 
 
@@ -325,7 +325,7 @@ def test_stylegan2_tiny_forward_backward():
 
 def test_stylegan2_full_preset_on_meta():
     with torch.device("meta"):
-        d = create_model("stylegan2-disc-256")
+        d = create_model("stylegan2-disc")
     cfg = d.config
     assert [cfg.channels(r) for r in (256, 128, 64, 4)] == [128, 256, 512, 512]
     assert 25e6 < sum(p.numel() for p in d.parameters()) < 32e6
