@@ -53,7 +53,7 @@ from torch import nn
 from .interfaces import Tokenizer, TokenizerOutput, Tokens
 from .quantizers import QuantizerConfig, VectorQuantizer
 from .registry import register_model
-from .vqgan import AttnBlock, Decoder, Encoder, ResnetBlock, replace_config
+from .vqgan import AttnBlock, Decoder, Encoder, ResnetBlock, backbone_kwargs, replace_config
 
 MQVAE_PAPER = ("Huang et al., Not All Image Regions Matter: Masked Vector Quantization for "
                "Autoregressive Image Generation, CVPR 2023")
@@ -196,12 +196,8 @@ class MQVAE(Tokenizer):
 
     def __init__(self, cfg: MQVAEConfig):
         super().__init__()
-        if cfg.resolution % cfg.downsample:
-            raise ValueError(f"resolution {cfg.resolution} not divisible by f={cfg.downsample}")
         self.cfg = cfg
-        backbone = dict(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
-                        attn_resolutions=tuple(cfg.attn_resolutions), resolution=cfg.resolution,
-                        z_channels=cfg.z_channels, dropout=cfg.dropout)
+        backbone = backbone_kwargs(cfg)
         r = cfg.resolution // cfg.downsample
         self.image_size = cfg.resolution
         self.grid_size = (r, r)

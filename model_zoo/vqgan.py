@@ -290,6 +290,15 @@ class Decoder(nn.Module):
 # The tokenizer
 
 
+def backbone_kwargs(cfg) -> dict:
+    """Encoder/Decoder arguments from a VQGAN-style config (VQGANConfig, MQVAEConfig)."""
+    if cfg.resolution % cfg.downsample:
+        raise ValueError(f"resolution {cfg.resolution} not divisible by f={cfg.downsample}")
+    return dict(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
+                attn_resolutions=tuple(cfg.attn_resolutions), resolution=cfg.resolution,
+                z_channels=cfg.z_channels, dropout=cfg.dropout)
+
+
 class VQGAN(Tokenizer):
     """Encoder -> quant_conv -> VectorQuantizer -> post_quant_conv -> Decoder.
 
@@ -297,12 +306,8 @@ class VQGAN(Tokenizer):
 
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
-        if cfg.resolution % cfg.downsample:
-            raise ValueError(f"resolution {cfg.resolution} not divisible by f={cfg.downsample}")
         self.cfg = cfg
-        backbone = dict(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
-                        attn_resolutions=tuple(cfg.attn_resolutions), resolution=cfg.resolution,
-                        z_channels=cfg.z_channels, dropout=cfg.dropout)
+        backbone = backbone_kwargs(cfg)
         self.encoder = Encoder(in_channels=cfg.in_channels, **backbone)
         self.decoder = Decoder(out_ch=cfg.out_ch, **backbone)
         dim = cfg.quantizer.dim
