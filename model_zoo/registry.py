@@ -17,7 +17,7 @@ from typing import Callable
 
 from torch import nn
 
-KINDS = ("tokenizer", "prior", "discriminator", "perceptual")
+KINDS = ("tokenizer", "prior", "discriminator", "perceptual", "text_encoder")
 
 
 @dataclass(frozen=True)
