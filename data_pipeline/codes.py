@@ -106,9 +106,9 @@ class CodeShardWriter(WriterContext):
             files["txt"] = caption.encode("utf-8")
         if text_embedding is not None:
             e = np.asarray(text_embedding)
-            if e.ndim != 1 or e.dtype.kind != "f":
-                raise ValueError(f"text_embedding of {key!r} must be a 1-D float array, got "
-                                 f"dtype {e.dtype} shape {e.shape}")
+            if e.ndim not in (1, 2) or e.dtype.kind != "f":
+                raise ValueError(f"text_embedding of {key!r} must be a float array [C] (pooled) or "
+                                 f"[L, C] (per token, padding trimmed), got dtype {e.dtype} shape {e.shape}")
             with np.errstate(over="ignore"):
                 e16 = e.astype(np.float16)
             if not np.isfinite(e16).all():  # float16 overflows at 65504: store only what it holds
@@ -201,13 +201,13 @@ def code_shard_entry(root: str, name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- reading
 
 
-def _load_npy(files: dict[str, bytes], ext: str, kinds: str) -> np.ndarray:
+def _load_npy(files: dict[str, bytes], ext: str, kinds: str, ndims: tuple[int, ...] = (1,)) -> np.ndarray:
     try:
         arr = np.load(io.BytesIO(files[ext]), allow_pickle=False)
     except (ValueError, EOFError, OSError, TypeError) as e:
         raise SampleDefect(CORRUPT_CODES, f"{ext}: {e!r}"[:200]) from None
-    if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype.kind not in kinds:
-        raise SampleDefect(CORRUPT_CODES, f"{ext}: expected a 1-D array of kind {kinds!r}, got "
+    if not isinstance(arr, np.ndarray) or arr.ndim not in ndims or arr.dtype.kind not in kinds:
+        raise SampleDefect(CORRUPT_CODES, f"{ext}: expected a {'/'.join(map(str, ndims))}-D array of kind {kinds!r}, got "
                                           f"{getattr(arr, 'dtype', type(arr))} {getattr(arr, 'shape', '')}")
     return arr
 
@@ -248,13 +248,15 @@ class CodeDecoder:
         out = {"codes": torch.from_numpy(codes), "positions": positions,
                "label": read_label(files, {}), "caption": read_caption(files), "key": key}
         if TEXT_EMB in files:
-            out["text_embedding"] = torch.from_numpy(_load_npy(files, TEXT_EMB, "f").astype(np.float32))
+            out["text_embedding"] = torch.from_numpy(_load_npy(files, TEXT_EMB, "f", (1, 2)).astype(np.float32))
         return out
 
 
 def collate_codes(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples: codes/positions ``[B, N]`` long, label ``[B]``, caption/key lists, and
-    text_embedding ``[B, D]`` float32 when every sample has one."""
+    """Stack samples: codes/positions ``[B, N]`` long, label ``[B]``, caption/key lists, and when
+    every sample has one, ``text_embedding``: ``[B, C]`` for pooled embeddings, or ``[B, L, C]``
+    zero-padded to the longest caption with ``text_mask`` ``[B, L]`` (True = a real token) for
+    per-token embeddings."""
     lengths = sorted({s["codes"].numel() for s in samples})
     if len(lengths) > 1:
         raise ValueError(f"code samples of different lengths {lengths} in one batch: a dataset must "
@@ -271,7 +273,20 @@ def collate_codes(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "key": [s["key"] for s in samples],
     }
     if all("text_embedding" in s for s in samples):
-        batch["text_embedding"] = torch.stack([s["text_embedding"] for s in samples])
+        embs = [s["text_embedding"] for s in samples]
+        ndims = {e.ndim for e in embs}
+        if ndims == {1}:
+            batch["text_embedding"] = torch.stack(embs)
+        elif ndims == {2}:
+            length = max(e.shape[0] for e in embs)
+            out = embs[0].new_zeros(len(embs), length, embs[0].shape[1])
+            mask = torch.zeros(len(embs), length, dtype=torch.bool)
+            for i, e in enumerate(embs):
+                out[i, : e.shape[0]] = e
+                mask[i, : e.shape[0]] = True
+            batch["text_embedding"], batch["text_mask"] = out, mask
+        else:
+            raise ValueError("a batch mixes pooled [C] and per-token [L, C] text embeddings")
     return batch
 
 

@@ -240,7 +240,7 @@ def test_loader_refuses_mismatches(tmp_path):
     ({"codes": np.arange(3), "positions": np.array([0, 2, 1])}, "sorted and unique"),
     ({"codes": np.arange(3), "positions": np.array([0, 2, 2])}, "sorted and unique"),
     ({"codes": np.arange(3), "positions": np.array([0, 2, 16])}, "outside the grid"),
-    ({"codes": np.arange(16), "text_embedding": np.ones((2, 4))}, "1-D float"),
+    ({"codes": np.arange(16), "text_embedding": np.ones((2, 4, 3))}, "per token"),
     ({"codes": np.arange(16), "text_embedding": np.full(4, 1e6)}, "not finite"),
     ({"codes": np.arange(16), "caption": b"bytes"}, "must be a str"),
 ])
@@ -282,3 +282,27 @@ def test_code_shards_on_s3_round_trip(s3_bucket, tmp_path):
     assert sorted(k for _, k, _ in got) == sorted(expected)
     for _, key, values in got:
         check_sample(values, expected[key])
+
+
+def test_per_token_text_embeddings_pad_with_a_mask(tmp_path):
+    from data_pipeline.codes import CodeShardWriter, collate_codes, code_loader, write_code_manifest
+
+    root = str(tmp_path)
+    lengths = [3, 7, 5, 2]
+    with CodeShardWriter(root, "a-000000.tar") as w:
+        for i, n in enumerate(lengths):
+            w.write(f"k{i}", np.arange(16) % 8, caption=f"c{i}",
+                    text_embedding=np.full((n, 4), i + 1, np.float32))
+    write_code_manifest(root, [w.entry], "tok", "0" * 64, (4, 4), 8)
+    [batch] = list(code_loader(root, 4, max_epochs=1, shuffle_buffer=1))
+    order = [int(k[1:]) for k in batch["key"]]
+    assert batch["text_embedding"].shape == (4, 7, 4)
+    assert batch["text_mask"].sum(1).tolist() == [lengths[i] for i in order]
+    for row, i in enumerate(order):
+        assert bool((batch["text_embedding"][row, : lengths[i]] == i + 1).all())
+        assert bool((batch["text_embedding"][row, lengths[i]:] == 0).all())
+    with pytest.raises(ValueError, match="mixes pooled"):
+        collate_codes([{"codes": torch.zeros(2, dtype=torch.long), "positions": None, "label": -1, "caption": "",
+                        "key": "a", "text_embedding": torch.zeros(4)},
+                       {"codes": torch.zeros(2, dtype=torch.long), "positions": None, "label": -1, "caption": "",
+                        "key": "b", "text_embedding": torch.zeros(2, 4)}])
