@@ -5,4 +5,5 @@ activation checkpointing and compile are applied from outside (pretrain)."""
 from .registry import create_model, list_models, model_entry, register_model  # noqa: F401
 
 # Importing the model files registers their presets.
-from . import discriminators, mqvae, text_encoders, vit_vqgan, vqgan  # noqa: E402,F401
+from . import (discriminators, mqvae, stackformer, t2i_prior, text_encoders, vim, vit_vqgan,  # noqa: E402,F401
+               vqgan)

@@ -76,3 +76,43 @@ class Tokenizer(nn.Module):
     def last_layer(self) -> torch.Tensor:
         """The weight of the decoder's last layer (the adaptive GAN weight differentiates it)."""
         raise NotImplementedError
+
+
+class Prior(nn.Module):
+    """Base class of the stage-2 priors over tokenizer codes (DESIGN.md, "Prior interface"):
+    VIM (model_zoo/vim.py), the text-conditional prior (model_zoo/t2i_prior.py) and Stackformer
+    (model_zoo/stackformer.py). Subclasses set ``codebook_size``, ``num_tokens`` and ``grid_size``.
+
+    ``condition`` is model specific: class labels long ``[B]`` (-1 = unconditional) for VIM and
+    Stackformer; ``{"tokens": long [B, L]}`` or ``{"embedding": [B, L, C], "mask": bool [B, L]}``
+    for the text prior. ``positions`` (long ``[B, N]``) only for masked tokenizers (Stackformer).
+    Sampling options are a ``model_zoo.sampling.SamplingConfig``; ``seeds`` (long
+    ``[num_samples]``, from ``sampling.sample_seeds``) make each sample independent of the batch.
+    """
+
+    codebook_size: int
+    num_tokens: int
+    grid_size: tuple[int, int]
+
+    def forward(self, codes: torch.Tensor, condition, positions: torch.Tensor | None = None):
+        """Teacher forcing: ``logits[:, i]`` predicts ``codes[:, i]`` from the condition and
+        ``codes[:, :i]``. ``[B, N, V]`` (Stackformer: ``(code_logits, position_logits)``)."""
+        raise NotImplementedError
+
+    def loss(self, codes: torch.Tensor, condition,
+             positions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar next-token cross-entropy and its named terms (condition dropout applied in training)."""
+        raise NotImplementedError
+
+    def generate(self, condition, num_samples: int, sampling, seeds: torch.Tensor):
+        """Sample ``[num_samples, N]`` codes (Stackformer: ``(codes, positions)``)."""
+        raise NotImplementedError
+
+    def features(self, codes: torch.Tensor, condition, layer: int,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Block ``layer``'s output averaged over the token positions, ``[B, D]`` (linear probe)."""
+        raise NotImplementedError
+
+    def null_condition(self, batch_size: int):
+        """The unconditional condition for ``batch_size`` samples (CFG, condition dropout)."""
+        raise NotImplementedError
