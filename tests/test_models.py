@@ -15,6 +15,8 @@ from model_zoo.interfaces import Tokenizer, TokenizerOutput, Tokens
 
 TOKENIZERS_TINY = list_models(kind="tokenizer", tiny=True)
 TOKENIZERS_FULL = list_models(kind="tokenizer", tiny=False)
+PRIORS_TINY = list_models(kind="prior", tiny=True)
+PRIORS_FULL = list_models(kind="prior", tiny=False)
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
@@ -68,8 +70,37 @@ def _readme_counts() -> dict[str, int]:
 
 def test_readme_parameter_counts_are_measured_ones():
     documented = _readme_counts()
-    assert set(documented) == set(TOKENIZERS_FULL), "README's preset table and the registry differ"
+    assert set(documented) == set(TOKENIZERS_FULL) | set(PRIORS_FULL), "README's preset tables and the registry differ"
     for name, count in documented.items():
         with torch.device("meta"):
             model = create_model(name)
-        assert sum(p.numel() for p in model.parameters()) == count, name
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count, name
+
+
+@pytest.mark.parametrize("name", PRIORS_TINY)
+def test_tiny_prior_trains_samples_and_probes(name):
+    from model_zoo.interfaces import Prior
+    from model_zoo.sampling import SamplingConfig
+
+    torch.manual_seed(0)
+    prior = create_model(name)
+    assert isinstance(prior, Prior)
+    b, n = 2, prior.num_tokens
+    codes = torch.randint(0, prior.codebook_size, (b, n))
+    positions = None
+    if name.startswith("stackformer"):
+        cells = prior.grid_size[0] * prior.grid_size[1]
+        positions = torch.stack([torch.randperm(cells)[:n].sort().values for _ in range(b)])
+    condition = prior.null_condition(b)
+    loss, terms = prior.loss(codes, condition, positions)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in prior.parameters())
+    prior.eval()
+    with torch.no_grad():
+        out = prior.generate(condition, b, SamplingConfig(temperature=1.0, top_k=5), torch.tensor([3, 4]))
+        gen = out[0] if isinstance(out, tuple) else out
+        assert gen.shape == (b, n) and int(gen.max()) < prior.codebook_size and int(gen.min()) >= 0
+        feats = prior.features(codes, condition, 0, positions) if positions is not None else \
+            prior.features(codes, condition, 0)
+        assert feats.ndim == 2 and feats.shape[0] == b
