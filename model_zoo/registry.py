@@ -71,4 +71,6 @@ def model_entry(name: str) -> ModelEntry:
 
 def create_model(name: str, **overrides) -> nn.Module:
     """Build a registered preset; ``overrides`` replace fields of its config dataclass."""
-    return model_entry(name).fn(**overrides)
+    model = model_entry(name).fn(**overrides)
+    model.registry_name = name   # the zoo package format records which preset rebuilds it
+    return model

@@ -17,6 +17,7 @@ EPILOG = """examples:
   vqscale data build-demo --out s3://bucket/demo
   vqscale data shard --src ~/images --out s3://bucket/mydata --shard-size 256MB --resize 384
   vqscale data inspect s3://bucket/mydata
+  vqscale sample --prior s3://bucket/zoo/vim-base --class 207 --num 16 --out grid.png
 """
 
 
@@ -75,6 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--field-max", action="append", default=[], metavar="FIELD=X",
                    help="drop samples whose metadata FIELD > X (e.g. pwatermark=0.8)")
     i.add_argument("--out", default=None, help="also write the JSON here")
+
+    sm = sub.add_parser("sample", help="sample images from a prior and write a PNG grid",
+                        description="Load a prior's zoo package (and the tokenizer inside it), generate "
+                                    "--num images in batches and write them as one PNG grid. Sample i draws "
+                                    "its tokens from the seed derived from (--seed, i), whatever the batch size.")
+    sm.add_argument("--prior", required=True, help="the prior's zoo package (folder or URL)")
+    cond = sm.add_mutually_exclusive_group(required=True)
+    cond.add_argument("--class", dest="class_label", type=int, help="class label (-1 = unconditional)")
+    cond.add_argument("--prompt", help="caption, for text-conditional priors (\"\" = unconditional)")
+    sm.add_argument("--num", type=int, required=True, help="number of images")
+    sm.add_argument("--out", required=True, help="PNG grid path or URL")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    sm.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    sm.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    sm.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    sm.add_argument("--batch-size", type=int, default=16, help="images generated at once (default 16)")
+    sm.add_argument("--no-cache", action="store_true", help="recompute every step (no KV cache)")
+    sm.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return p
 
 
@@ -129,6 +149,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.verb == "data":
             return _data(args)
+        if args.verb == "sample":
+            from model_zoo.package import PackageError
+
+            from .sample import SampleError, main_sample
+
+            try:
+                return main_sample(args)
+            except (PackageError, SampleError) as e:
+                print(f"vqscale: error: {e}", file=sys.stderr)
+                return 2
     except (ConfigError, DataError) as e:
         print(f"vqscale: error: {e}", file=sys.stderr)
         return 2

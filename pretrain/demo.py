@@ -13,30 +13,13 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
 from data_pipeline import storage
 
 from .config import apply_overrides, dumps, write_resolved
 from .recipes import get_recipe
 from .repro import run_metadata, seed_everything
-
-
-def save_grid(images, url: str, ncol: int = 8) -> None:
-    """float [-1,1] ``[B,3,H,W]`` -> a PNG grid through the storage seam."""
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    b, h, w, _ = arr.shape
-    ncol = min(ncol, b)
-    nrow = -(-b // ncol)
-    grid = np.full((nrow * (h + 2) + 2, ncol * (w + 2) + 2, 3), 255, dtype=np.uint8)
-    for i in range(b):
-        r, c = divmod(i, ncol)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = arr[i]
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    storage.write_bytes(url, buf.getvalue())
+from .sample import save_grid  # the one PNG-grid writer (also used by `vqscale sample`)
 
 
 def run_demo(quick: bool = False, overrides: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:

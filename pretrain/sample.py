@@ -1,0 +1,204 @@
+"""``vqscale sample``: images from a prior, decoded by its tokenizer, as a PNG grid.
+
+The prior's package holds its tokenizer (model_zoo/package.py), so one path gives both. Every
+sample ``i`` (0-based, over the whole run) draws its tokens with the seed
+``sampling.sample_seeds(seed, i)`` and the priors' counter-based sampling noise, so sample ``i``
+gets the same tokens whatever ``--batch-size`` is, and the same command writes a byte-identical
+PNG (eval mode, no dropout; PNG encoding carries no timestamp). Two caveats, both float rounding:
+the tokenizer's conv kernels may round differently for another batch size (MQ-VAE: ~1e-5, which
+can move a pixel by one level of 255), and on GPU a near-tie between two tokens' logits can flip
+when the batch size changes the matmul reduction order. Byte-identical grids therefore need the
+same ``--batch-size`` and device.
+
+Conditions: ``--class C`` for class-conditional priors (VIM, Stackformer; ``-1`` is the
+unconditional null class) and ``--prompt TEXT`` for text priors, tokenized by the prior's own
+frozen text encoder (``""`` is the unconditional caption). ``--guidance`` is the
+classifier-free guidance scale (1 = plain conditional sampling).
+
+The summary line (stdout, JSON): ``num``, ``seconds`` (the whole job: loading, generation, decoding, writing),
+``tokens_per_s`` (prior tokens generated per second of generation alone), ``out`` and the
+sampling settings.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_pipeline import storage
+
+DEFAULT_NCOL = 8
+PAD = 2   # white pixels between (and around) the images of a grid
+
+
+# ------------------------------------------------------------------------------------ grids
+
+def grid_shape(num: int, height: int, width: int, ncol: int = DEFAULT_NCOL) -> tuple[int, int]:
+    """``(H, W)`` in pixels of the grid :func:`save_grid` writes for ``num`` images."""
+    ncol = max(1, min(ncol, num))
+    nrow = math.ceil(num / ncol)
+    return nrow * (height + PAD) + PAD, ncol * (width + PAD) + PAD
+
+
+def grid_image(images: torch.Tensor, ncol: int = DEFAULT_NCOL) -> np.ndarray:
+    """float [-1, 1] ``[B, 3, H, W]`` -> uint8 ``[H', W', 3]``: row-major tiles on white."""
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    b, h, w, _ = arr.shape
+    ncol = max(1, min(ncol, b))
+    grid = np.full((*grid_shape(b, h, w, ncol), 3), 255, dtype=np.uint8)
+    for i in range(b):
+        r, c = divmod(i, ncol)
+        y, x = PAD + r * (h + PAD), PAD + c * (w + PAD)
+        grid[y:y + h, x:x + w] = arr[i]
+    return grid
+
+
+def save_grid(images: torch.Tensor, url: str, ncol: int = DEFAULT_NCOL) -> None:
+    """float [-1, 1] ``[B, 3, H, W]`` -> a PNG grid, written atomically through the storage seam."""
+    buf = io.BytesIO()
+    Image.fromarray(grid_image(images, ncol)).save(buf, format="PNG")
+    storage.write_bytes(url, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------- priors
+
+class SampleError(ValueError):
+    """A sampling request that cannot be served (bad path, condition the prior does not take)."""
+
+
+def resolve_prior(path: str) -> str:
+    """The zoo package at ``path``. Run directories and step folders resolve once pretraining
+    writes them; until then they are a clear error rather than a guess."""
+    from model_zoo.package import CONFIG, read_config
+
+    cfg_url = storage.join(path, CONFIG)
+    if not storage.exists(cfg_url):
+        hint = (" (a run directory: pass an exported zoo package instead)"
+                if storage.exists(storage.join(path, "checkpoints")) else "")
+        raise SampleError(f"--prior {path}: no {CONFIG}, so not a model-zoo package{hint}")
+    meta = storage.read_json(cfg_url)
+    if "schema_version" not in meta or "kind" not in meta:
+        raise SampleError(f"--prior {path}: {CONFIG} is a run config, not a zoo package; run directories "
+                          "and step folders are not loadable here yet, export a zoo package")
+    meta = read_config(path)
+    if meta["kind"] != "prior":
+        raise SampleError(f"--prior {path} is a {meta['kind']} package ({meta['name']}), not a prior")
+    return path
+
+
+def text_encoder_of(prior: torch.nn.Module):
+    """The frozen text encoder of a text-conditional prior, else None."""
+    enc = getattr(prior, "text_encoder", None)
+    return enc if enc is not None and hasattr(enc, "tokenize") else None
+
+
+def make_condition(prior: torch.nn.Module, batch_size: int, class_label: int | None = None,
+                   prompt: str | None = None, device: torch.device | str = "cpu"):
+    """The prior's condition for a batch: class labels ``[B]`` or ``{"tokens": [B, L]}``."""
+    if (class_label is None) == (prompt is None):
+        raise SampleError("give exactly one of a class label or a prompt")
+    enc = text_encoder_of(prior)
+    if prompt is not None:
+        if enc is None:
+            raise SampleError(f"{getattr(prior, 'registry_name', type(prior).__name__)} is class-conditional: "
+                              "use --class, not --prompt")
+        return {"tokens": enc.tokenize([prompt] * batch_size).to(device)}
+    if enc is not None:
+        raise SampleError(f"{getattr(prior, 'registry_name', type(prior).__name__)} is text-conditional: "
+                          "use --prompt, not --class")
+    num_classes = getattr(prior, "num_classes", None)
+    if class_label < -1 or (num_classes is not None and class_label >= num_classes):
+        raise SampleError(f"class {class_label} is out of range: the prior has {num_classes} classes "
+                          "(-1 = unconditional)")
+    return torch.full((batch_size,), int(class_label), dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def sample_images(prior, tokenizer, num: int, sampling, seed: int = 0, batch_size: int = 16,
+                  class_label: int | None = None, prompt: str | None = None, progress: bool = True,
+                  start_index: int = 0) -> tuple[torch.Tensor, float]:
+    """``num`` images ``[num, 3, H, W]`` on CPU and the seconds spent in ``prior.generate``.
+
+    Sample ``start_index + i`` is drawn with ``sample_seeds(seed, start_index + i)`` (so shards of
+    one big request, e.g. one per rank, give the images the single request would)."""
+    from tqdm import tqdm
+
+    from model_zoo.sampling import sample_seeds
+
+    if num < 1 or batch_size < 1:
+        raise SampleError(f"--num and --batch-size must be >= 1, got {num} and {batch_size}")
+    device = next(prior.parameters()).device
+    out, gen_s = [], 0.0
+    with tqdm(total=num, desc="sampling", unit="img", disable=not progress) as bar:
+        for lo in range(0, num, batch_size):
+            b = min(batch_size, num - lo)
+            idx = torch.arange(start_index + lo, start_index + lo + b, dtype=torch.long)
+            seeds = sample_seeds(seed, idx).to(device)
+            cond = make_condition(prior, b, class_label, prompt, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            gen = prior.generate(cond, b, sampling, seeds)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            gen_s += time.perf_counter() - t0
+            codes, positions = gen if isinstance(gen, tuple) else (gen, None)   # Stackformer: (codes, positions)
+            images = tokenizer.decode(codes.to(device), None if positions is None else positions.to(device))
+            out.append(images.float().cpu())
+            bar.update(b)
+    return torch.cat(out), gen_s
+
+
+def run_sample(prior: str, out: str, num: int, class_label: int | None = None, prompt: str | None = None,
+               seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               guidance: float = 1.0, batch_size: int = 16, use_cache: bool = True,
+               device: str | None = None, ncol: int = DEFAULT_NCOL, progress: bool = True) -> dict[str, Any]:
+    """The ``vqscale sample`` job: load, generate, decode, write the grid; returns the summary."""
+    from model_zoo.package import load_prior_with_tokenizer
+    from model_zoo.sampling import SamplingConfig
+
+    t0 = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SampleError("--device cuda: no CUDA device is available")
+    try:
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                                  guidance_scale=guidance, use_cache=use_cache)
+    except ValueError as e:
+        raise SampleError(str(e)) from None
+    url = resolve_prior(prior)
+    model, tokenizer = load_prior_with_tokenizer(url, device=device)
+    images, gen_s = sample_images(model, tokenizer, num, sampling, seed=seed, batch_size=batch_size,
+                                  class_label=class_label, prompt=prompt, progress=progress)
+    save_grid(images, out, ncol=ncol)
+    tokens = num * int(model.num_tokens)
+    return {
+        "num": num,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "tokens_per_s": round(tokens / gen_s, 1) if gen_s > 0 else None,
+        "out": out,
+        "prior": getattr(model, "registry_name", None),
+        "condition": {"prompt": prompt} if prompt is not None else {"class": class_label},
+        "seed": seed,
+        "device": device,
+        "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                     "guidance": guidance, "use_cache": use_cache},
+        "image_size": list(images.shape[-2:]),
+    }
+
+
+def main_sample(args) -> int:
+    """CLI glue: ``args`` from the ``sample`` sub-parser of pretrain/cli.py."""
+    summary = run_sample(args.prior, args.out, args.num, class_label=args.class_label, prompt=args.prompt,
+                         seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         guidance=args.guidance, batch_size=args.batch_size, use_cache=not args.no_cache,
+                         device=args.device)
+    print(json.dumps(summary), flush=True)
+    return 0
