@@ -18,6 +18,7 @@ EPILOG = """examples:
   vqscale data shard --src ~/images --out s3://bucket/mydata --shard-size 256MB --resize 384
   vqscale data inspect s3://bucket/mydata
   vqscale sample --prior s3://bucket/zoo/vim-base --class 207 --num 16 --out grid.png
+  vqscale tokenize --tokenizer s3://bucket/zoo/vit-vqgan-ss --data s3://bucket/mydata --out s3://bucket/mydata-codes
 """
 
 
@@ -95,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--batch-size", type=int, default=16, help="images generated at once (default 16)")
     sm.add_argument("--no-cache", action="store_true", help="recompute every step (no KV cache)")
     sm.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    tk = sub.add_parser("tokenize", help="encode image shards into code shards (stage-2 input)",
+                        description="Run a trained tokenizer over image shards on every rank (under torchrun each "
+                                    "rank takes shards j % world == rank) and write one code shard per image shard, "
+                                    "with the same name, under --out, then manifest.json. Resumable: finished code "
+                                    "shards are skipped. An --out made by another tokenizer is refused.")
+    tk.add_argument("--tokenizer", required=True, help="the tokenizer's zoo package (folder or URL)")
+    tk.add_argument("--data", required=True, help="image dataset (folder/prefix with manifest.json, brace pattern, .tar)")
+    tk.add_argument("--out", required=True, help="output folder or URL for the code shards")
+    tk.add_argument("--batch-size", type=int, default=64, help="images encoded at once (default 64)")
+    tk.add_argument("--resolution", type=int, default=None,
+                    help="centre-crop side in pixels (default: the tokenizer's image_size)")
+    tk.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    tk.add_argument("--text-encoder", default=None, metavar="NAME",
+                    help="also cache per-token caption embeddings (KEY.txtemb.npy) from this registered text encoder")
+    tk.add_argument("--limit-shards", type=int, default=None, metavar="N", help="only the first N shards of --data")
+    tk.add_argument("--decode-threads", type=int, default=None, help="image decoding threads (default min(8, CPUs))")
     return p
 
 
@@ -157,6 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 return main_sample(args)
             except (PackageError, SampleError) as e:
+                print(f"vqscale: error: {e}", file=sys.stderr)
+                return 2
+        if args.verb == "tokenize":
+            from model_zoo.package import PackageError
+
+            from .tokenize_job import TokenizeError, main_tokenize
+
+            try:
+                return main_tokenize(args)
+            except (PackageError, TokenizeError) as e:
                 print(f"vqscale: error: {e}", file=sys.stderr)
                 return 2
     except (ConfigError, DataError) as e:
