@@ -1,0 +1,446 @@
+"""DeepSpeed engines from typed configs, and the EMA of their weights.
+
+Owns: :class:`OptimConfig` and :class:`DeepSpeedSettings` (frozen config sections), the DeepSpeed
+config JSON they resolve to (:func:`build_ds_config`; ``passthrough`` is deep-merged last so any
+DeepSpeed setting can be given), gradient accumulation derived from the global batch and the world
+size, parameter groups (which tensors get weight decay), the warmup + cosine schedule,
+activation checkpointing applied from outside the model, :func:`build_engine`,
+:func:`consolidated_state_dict` and :class:`EMA`.
+
+Weight decay (decided here, the same for every model): only tensors named ``weight`` with two or
+more dimensions (Linear/Conv kernels, equalized-lr layers), never biases, norm scales, embedding
+tables (``nn.Embedding``), position embeddings, codebooks, class/mask tokens (parameters not
+named ``weight``), nor names a model lists in ``no_weight_decay()`` (timm's convention).
+Parameters with ``requires_grad=False`` (frozen text encoders) are given to no optimizer.
+
+Model code is single-device code; this module never imports model_zoo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["OptimConfig", "DeepSpeedSettings", "gradient_accumulation_steps", "resolve_bf16",
+           "build_ds_config", "weight_decay_groups", "WarmupCosine", "apply_activation_checkpointing",
+           "build_engine", "consolidated_state_dict", "EMA"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and a cosine decay to ``lr * min_lr_ratio`` at ``total_steps``."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)   # recipes set the papers' values (ViT-VQGAN: 0.9, 0.99)
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    total_steps: int = 1000                    # 0: constant after warmup
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0                     # 0 disables clipping
+    # auto: DeepSpeed's own AdamW (DeepSpeedCPUAdam) when the optimizer is offloaded, else torch's
+    optimizer: Literal["auto", "torch", "deepspeed"] = "auto"
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """The DeepSpeed knobs vqscale names; anything else goes through ``passthrough``."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: Union[Literal["auto"], bool] = "auto"          # auto: bf16 on CUDA, fp32 on CPU
+    offload_optimizer: bool = False
+    offload_params: bool = False                        # ZeRO-3 only
+    overlap_comm: Union[Literal["auto"], bool] = "auto"  # auto: on with CUDA
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    prefetch_bucket_size: int = 50_000_000              # ZeRO-3
+    param_persistence_threshold: int = 100_000          # ZeRO-3: smaller tensors stay whole on every rank
+    activation_checkpointing: bool = False
+    passthrough: dict[str, Any] = field(default_factory=dict)
+
+
+def _on_cuda() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cuda"
+
+
+def resolve_bf16(setting: Union[str, bool]) -> bool:
+    return _on_cuda() if setting == "auto" else bool(setting)
+
+
+def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """``global = micro * world * accumulation``; the global batch stays fixed when the world changes."""
+    per_step = micro_batch_size * world_size
+    if micro_batch_size < 1 or global_batch_size < 1 or global_batch_size % per_step:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not a multiple of micro batch {micro_batch_size} x "
+            f"world size {world_size} = {per_step}; choose a micro batch or world size that divides it")
+    return global_batch_size // per_step
+
+
+def _parse(value: Any) -> Any:
+    """``--set deepspeed.passthrough.KEY=VALUE`` gives strings: read them as JSON when they are."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        v = _parse(v)
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_ds_config(optim: OptimConfig, ds: DeepSpeedSettings, micro_batch_size: int,
+                    global_batch_size: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config JSON (a plain dict) for these settings on ``world_size`` ranks."""
+    cuda = _on_cuda()
+    overlap = cuda if ds.overlap_comm == "auto" else bool(ds.overlap_comm)
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": overlap, "contiguous_gradients": True,
+                            "reduce_bucket_size": ds.reduce_bucket_size}
+    if ds.zero_stage in (1, 2):
+        zero["allgather_bucket_size"] = ds.allgather_bucket_size
+    if ds.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = ds.prefetch_bucket_size
+        zero["stage3_param_persistence_threshold"] = ds.param_persistence_threshold
+        if ds.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+    elif ds.offload_params:
+        raise ValueError("offload_params needs zero_stage 3")
+    if ds.offload_optimizer:
+        if ds.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    cfg: dict[str, Any] = {
+        "train_batch_size": global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(global_batch_size, micro_batch_size, world_size),
+        "gradient_clipping": float(optim.grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": resolve_bf16(ds.bf16)},
+        # torch's AdamW is in DeepSpeed's tested list; other client optimizers must pass too
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,         # vqscale logs its own metrics
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": False},
+    }
+    if _use_ds_optimizer(optim, ds):
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas),
+                                                         "eps": optim.eps, "weight_decay": optim.weight_decay}}
+    return _deep_merge(cfg, ds.passthrough)
+
+
+def _use_ds_optimizer(optim: OptimConfig, ds: DeepSpeedSettings) -> bool:
+    return optim.optimizer == "deepspeed" or (optim.optimizer == "auto" and ds.offload_optimizer)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups (decay / no decay) of the trainable parameters; see the module docstring."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decide: dict[int, tuple[nn.Parameter, bool]] = {}     # by identity: a tied weight is one tensor
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if not p.requires_grad:
+                continue
+            ok = p_name == "weight" and p.ndim >= 2 and not isinstance(module, nn.Embedding) and full not in skip
+            # tied to an embedding table (a shared output head): no decay, whichever owner comes first
+            decide[id(p)] = (p, ok and decide.get(id(p), (p, True))[1])
+    decay = [p for p, d in decide.values() if d]
+    no_decay = [p for p, d in decide.values() if not d]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class WarmupCosine:
+    """LR multiplier: linear warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at
+    ``total``. A callable object (not a lambda) so LambdaLR's state_dict can save it."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float):
+        self.warmup, self.total, self.min_ratio = int(warmup), int(total), float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.total <= self.warmup:
+            return 1.0
+        t = min(1.0, (step - self.warmup) / (self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def _is_block(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("Block")
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute every ``*Block`` held in an ``nn.ModuleList`` (transformer, ViT, de-mask and
+    VQGAN resnet/attention blocks) in the backward pass; returns how many were wrapped.
+
+    The instance's ``forward`` is replaced, not the module, so parameter names and checkpoints do
+    not change. torch's non-reentrant checkpoint is used (it supports keyword arguments).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        for block in module:
+            if not _is_block(block) or getattr(block, "_vqscale_checkpointed", False):
+                continue
+            inner = block.forward
+
+            def forward(*args, _inner=inner, _block=block, **kwargs):
+                if _block.training and torch.is_grad_enabled():
+                    return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                return _inner(*args, **kwargs)
+
+            block.forward = forward
+            block._vqscale_checkpointed = True
+            count += 1
+    return count
+
+
+def _skip_cpu_shm_build() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel when its comm
+    backend starts (about 100 s on a 2-core machine the first time; cached under
+    ~/.cache/torch_extensions after). Only ``inference_all_reduce`` uses it; training collectives
+    go through torch.distributed (gloo), so on CPU it is skipped (``VQSCALE_DS_SHM=1`` keeps it)."""
+    if _on_cuda() or os.environ.get("VQSCALE_DS_SHM") == "1":
+        return
+    import importlib
+
+    # by module path: the attribute deepspeed.comm.torch is the torch package itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_settings: DeepSpeedSettings,
+                 micro_batch_size: int, global_batch_size: int, param_groups: list[dict] | None = None,
+                 name: str = "model"):
+    """Wrap ``model`` in a DeepSpeed engine (initializing the process group if needed).
+
+    The model is built whole on every rank and partitioned here. (``deepspeed.zero.Init`` is not
+    used: model_zoo models initialize their weights in ``init_weights()`` at the end of
+    ``__init__``, which writes nothing into parameters zero.Init has already partitioned; a
+    vim-small-tiny built under it kept PyTorch's default init, head std 0.073 instead of 0.02.)
+
+    ``param_groups`` (AdamW groups, e.g. with their own ``lr``) replaces :func:`weight_decay_groups`;
+    frozen parameters are dropped from them either way. The engine steps its LambdaLR (warmup +
+    cosine) at each gradient-accumulation boundary.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    from .distributed import init_distributed
+
+    if not dist.is_initialized():
+        init_distributed()
+    _skip_cpu_shm_build()
+    world = dist.get_world_size()
+    if ds_settings.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    groups = param_groups if param_groups is not None else weight_decay_groups(model, optim_cfg.weight_decay)
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError(f"engine {name!r}: the model has no trainable parameters")
+    cfg = build_ds_config(optim_cfg, ds_settings, micro_batch_size, global_batch_size, world)
+    optimizer = None
+    if not _use_ds_optimizer(optim_cfg, ds_settings):
+        fused = _on_cuda() and not ds_settings.offload_optimizer
+
+        def optimizer(params):
+            return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                                     weight_decay=optim_cfg.weight_decay, fused=fused or None)
+
+    schedule = WarmupCosine(optim_cfg.warmup_steps, optim_cfg.total_steps, optim_cfg.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, optimizer=optimizer, config=cfg,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    engine.vqscale_name = name
+    engine.vqscale_ds_config = cfg
+    return engine
+
+
+def _zero3(engine) -> bool:
+    return engine.zero_optimization_stage() == 3
+
+
+@contextlib.contextmanager
+def _gathered(engine, params: list, modifier_rank: int | None = None) -> Iterator[None]:
+    if _zero3(engine) and params:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The whole module state dict as CPU tensors on every rank (a collective under ZeRO-3, which
+    gathers all partitions at once: meant for export and tests, not for every step)."""
+    module = engine.module
+    with _gathered(engine, list(module.parameters())):
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+# ---- EMA -----------------------------------------------------------------------------------------
+def _dp() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class EMA:
+    """Exponential moving average of an engine's trainable weights, sharded like ZeRO-3.
+
+    Every rank keeps, for each parameter, only its contiguous slice of the flattened tensor:
+    elements ``[rank * c, rank * c + c)`` with ``c = ceil(numel / world)``, which is exactly the
+    partition ZeRO-3 keeps in ``param.ds_tensor``. Under ZeRO-3 the update reads that local
+    partition (no communication at all); under ZeRO-0/1/2 it slices the full local parameter. So
+    the EMA costs ``1/world`` of the fp32 weights per rank at every stage, and is consistent by
+    construction: the slices of all ranks tile the tensor. Saved per rank with their offsets, it
+    loads at any world size (each rank picks the pieces overlapping its new slice).
+    """
+
+    def __init__(self, engine, decay: float = 0.9999, warmup: bool = False):
+        self.engine, self.decay, self.warmup = engine, float(decay), warmup
+        self.num_updates = 0
+        self.rank, self.world = _dp()
+        self.params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+        # other names of the same tensors (tied weights), so full_state_dict fills every key
+        canonical = {id(p): n for n, p in self.params.items()}
+        self.aliases = {n: canonical[id(p)] for n, p in engine.module.named_parameters(remove_duplicate=False)
+                        if id(p) in canonical and canonical[id(p)] != n}
+        self.shards = {n: self._local(p).float().clone() for n, p in self.params.items()}
+
+    def _bounds(self, numel: int) -> tuple[int, int]:
+        chunk = -(-numel // self.world)
+        start = min(self.rank * chunk, numel)
+        return start, min(chunk, numel - start)
+
+    def _numel(self, p) -> int:
+        return int(p.ds_numel) if hasattr(p, "ds_tensor") else p.numel()
+
+    def _local(self, p) -> torch.Tensor:
+        start, n = self._bounds(self._numel(p))
+        if hasattr(p, "ds_tensor"):                      # ZeRO-3: the local partition, padded
+            return p.ds_tensor.detach().view(-1)[:n]
+        return p.detach().reshape(-1)[start:start + n]
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Call after each optimizer step (``engine.is_gradient_accumulation_boundary()``)."""
+        d = self.current_decay()
+        for n, p in self.params.items():
+            self.shards[n].mul_(d).add_(self._local(p).float(), alpha=1.0 - d)
+        self.num_updates += 1
+
+    # -- save / load (per rank, world-size independent) --
+    def state_dict(self) -> dict[str, Any]:
+        shards = {}
+        for n, p in self.params.items():
+            numel = self._numel(p)
+            shape = list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)
+            shards[n] = {"start": self._bounds(numel)[0], "numel": numel, "shape": shape,
+                         "data": self.shards[n].cpu()}
+        return {"decay": self.decay, "num_updates": self.num_updates, "world_size": self.world,
+                "rank": self.rank, "shards": shards}
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        torch.save(self.state_dict(), os.path.join(folder, f"rank{self.rank}.pt"))
+
+    def load(self, folder: str) -> None:
+        """Load the shards saved by any world size (reads every rank file of ``folder``)."""
+        files = sorted(f for f in os.listdir(folder) if f.startswith("rank") and f.endswith(".pt"))
+        states = [torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True) for f in files]
+        if not states or len(states) != states[0]["world_size"]:
+            raise FileNotFoundError(f"EMA shards in {folder} are incomplete ({len(states)} files)")
+        self.num_updates = int(states[0]["num_updates"])
+        for n, p in self.params.items():
+            start, count = self._bounds(self._numel(p))
+            out = self.shards[n]
+            filled = 0
+            for st in states:
+                piece = st["shards"][n]
+                lo, hi = max(start, piece["start"]), min(start + count, piece["start"] + piece["data"].numel())
+                if hi > lo:
+                    out[lo - start:hi - start].copy_(piece["data"][lo - piece["start"]:hi - piece["start"]])
+                    filled += hi - lo
+            if filled != count:
+                raise ValueError(f"EMA shards in {folder} do not cover {n}")
+
+    # -- whole weights --
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The module state dict with the EMA (fp32) in place of the trainable weights, on every
+        rank (a collective: one all_gather of all shards, plus the ZeRO-3 gather of the rest)."""
+        import torch.distributed as dist
+
+        full = consolidated_state_dict(self.engine)
+        names = list(self.params)
+        chunks = [-(-self._numel(self.params[n]) // self.world) for n in names]
+        buf = torch.zeros(sum(chunks), dtype=torch.float32)
+        off = 0
+        for n, c in zip(names, chunks):
+            buf[off:off + self.shards[n].numel()] = self.shards[n].cpu()
+            off += c
+        if self.world > 1:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            parts = [torch.empty_like(buf, device=device) for _ in range(self.world)]
+            dist.all_gather(parts, buf.to(device))
+            parts = [t.cpu() for t in parts]
+        else:
+            parts = [buf]
+        off = 0
+        for n, c in zip(names, chunks):
+            numel = self._numel(self.params[n])
+            flat = torch.cat([t[off:off + c] for t in parts])[:numel]
+            full[n] = flat.view(full[n].shape)          # fp32, whatever the training dtype
+            off += c
+        for alias, n in self.aliases.items():
+            if alias in full:
+                full[alias] = full[n]
+        return full
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """Evaluate with the EMA weights: load them into the module, restore the live ones after
+        (a collective; the optimizer's master weights are untouched)."""
+        ema = self.full_state_dict()
+        live = consolidated_state_dict(self.engine)
+        self._write(ema)
+        try:
+            yield
+        finally:
+            self._write(live)
+
+    @torch.no_grad()
+    def _write(self, full: dict[str, torch.Tensor]) -> None:
+        for n, p in self.params.items():
+            with _gathered(self.engine, [p], modifier_rank=0):
+                p.data.copy_(full[n].to(p.device, p.dtype))
