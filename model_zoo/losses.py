@@ -21,7 +21,6 @@ same network with random weights (tests).
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
@@ -32,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipeline import storage
+
+from .weights import load_state_dict_file
 
 __all__ = [
     "logit_laplace_log_prob", "logit_laplace_nll", "split_logit_laplace", "logit_laplace_mean",
@@ -158,31 +159,6 @@ def lpips_weight_candidates() -> dict[str, list[str]]:
     }
 
 
-def _load_state_dict(url: str) -> dict[str, Tensor]:
-    """Read a safetensors or torch file (any storage URL) into a flat CPU state dict. Torch files
-    are read with ``weights_only=True``: a checkpoint from the internet must not run code."""
-    from safetensors.torch import load as st_load, load_file as st_load_file
-    if not storage.is_remote(url):
-        # Local: read from the path (a torchvision VGG16 checkpoint is 528 MB; no bytes copy).
-        path = storage.local_path(url)
-        with open(path, "rb") as f:
-            head = f.read(9)
-        if path.endswith(".safetensors") or head[8:9] == b"{":
-            return dict(st_load_file(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        data = storage.read_bytes(url)
-        if url.endswith(".safetensors") or data[8:9] == b"{":   # safetensors: u64 size, then JSON
-            return dict(st_load(data))
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):   # common wrappers
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{url}: expected a state dict, got {type(obj).__name__}")
-    return obj
-
-
 def _canonical_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Rename the layouts we accept to ours: torchvision (``features.N.*``), lpips/taming
     (``net.sliceK.N.*``, N the original VGG index), lpips heads (``linK.model.1.weight``).
@@ -283,11 +259,11 @@ class LPIPS(nn.Module):
                      lin_weights: str | None = None) -> None:
         """Load pretrained weights from explicit paths/URLs or the cache (see class doc)."""
         if weights is not None:
-            sd, src = _canonical_keys(_load_state_dict(weights)), weights
+            sd, src = _canonical_keys(load_state_dict_file(weights)), weights
         elif vgg_weights is not None or lin_weights is not None:
             if vgg_weights is None or lin_weights is None:
                 raise ValueError("give both vgg_weights and lin_weights (or one complete `weights` file)")
-            sd = {**_canonical_keys(_load_state_dict(vgg_weights)), **_canonical_keys(_load_state_dict(lin_weights))}
+            sd = {**_canonical_keys(load_state_dict_file(vgg_weights)), **_canonical_keys(load_state_dict_file(lin_weights))}
             src = f"{vgg_weights} + {lin_weights}"
         else:
             sd, src = self._from_cache()
@@ -301,10 +277,10 @@ class LPIPS(nn.Module):
 
         full = first(cand["full"])
         if full is not None:
-            return _canonical_keys(_load_state_dict(full)), full
+            return _canonical_keys(load_state_dict_file(full)), full
         vgg, lin = first(cand["vgg"]), first(cand["lin"])
         if vgg is not None and lin is not None:
-            sd = {**_canonical_keys(_load_state_dict(vgg)), **_canonical_keys(_load_state_dict(lin))}
+            sd = {**_canonical_keys(load_state_dict_file(vgg)), **_canonical_keys(load_state_dict_file(lin))}
             return sd, f"{vgg} + {lin}"
         raise LPIPSWeightsNotFound(
             "pretrained LPIPS (VGG16) weights not found; this machine cannot download them. Put either\n"

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
@@ -72,6 +71,8 @@ import torch
 from torch import Tensor, nn
 
 from data_pipeline import storage
+
+from .weights import load_state_dict_file
 
 from .registry import register_model
 
@@ -122,19 +123,8 @@ def weight_candidates(name: str) -> list[str]:
 
 
 def load_state_dict(url: str) -> dict[str, Tensor]:
-    """A safetensors or torch file (any storage URL) as a flat CPU state dict. Torch files are read
-    with ``weights_only=True`` (a checkpoint from the internet must not run code)."""
-    from safetensors.torch import load as st_load
-    data = storage.read_bytes(url)
-    if url.endswith(".safetensors") or data[8:9] == b"{":   # safetensors: u64 header size, then JSON
-        return dict(st_load(data))
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):   # common wrappers
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{url}: expected a state dict, got {type(obj).__name__}")
-    return obj
+    """A safetensors or torch file (any storage URL) as a flat CPU state dict."""
+    return load_state_dict_file(url)
 
 
 def count_params(module: nn.Module) -> int:
