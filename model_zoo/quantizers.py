@@ -92,6 +92,25 @@ def _world_size() -> int:
     return 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradient over ranks too (d sum_r x_r / d x_r is the
+    identity, but every rank's loss depends on every x_r). Our own blocking collective rather
+    than torch.distributed.nn's: that one is deprecated and its functional-collective machinery
+    aborted a gloo process at exit ("terminate called without an active exception") in CI."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        g = grad.clone()
+        dist.all_reduce(g)
+        return g
+
+
 # Buffers that hold running statistics: kept in fp32 whatever dtype the module is cast to
 # (DeepSpeed's bf16 mode calls module.bfloat16(); an EMA with decay 0.99 stalls at bf16 precision).
 _FP32_BUFFERS = ("embed", "embed_avg", "cluster_size")
@@ -281,8 +300,7 @@ class VectorQuantizer(nn.Module):
             tot = probs.sum(0)
             cnt = torch.tensor(float(probs.shape[0]), device=ze.device)
             if train and _world_size() > 1:
-                import torch.distributed.nn.functional as dist_nn
-                tot = dist_nn.all_reduce(tot)
+                tot = _AllReduceSum.apply(tot)
                 dist.all_reduce(cnt)
             losses["prior_kl"] = prior_kl(tot / cnt)
         distances = (ze.detach() - e_sel.detach()).pow(2).sum(-1)
