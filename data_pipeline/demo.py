@@ -98,19 +98,28 @@ def demo_samples(digits: int | None = None, crops_per_photo: int = 60, digit_siz
 
 
 def build_demo(out: str, quick: bool = False, shard_samples: int = 100, seed: int = 0,
-               progress: bool = True) -> dict[str, Any]:
-    """Write the demo dataset under ``out`` (local folder or s3://); returns the manifest."""
+               progress: bool = True, holdout: str | None = None, holdout_every: int = 10) -> dict[str, Any]:
+    """Write the demo dataset under ``out`` (local folder or s3://); returns the manifest.
+
+    ``holdout``: a second dataset root that gets every ``holdout_every``-th sample instead (a
+    held-out split for validation, with its own manifest), written in shards of the same size."""
     from tqdm import tqdm
 
     digits, crops = (300, 12) if quick else (None, 60)
     total = (digits or 1797) + crops * len(PHOTOS)
-    w = ShardWriter(out, prefix="demo", max_samples=shard_samples,
-                    extra={"name": "vqscale-demo", "classes": CLASS_NAMES})
+    extra = {"name": "vqscale-demo", "classes": CLASS_NAMES}
+    writers = [ShardWriter(out, prefix="demo", max_samples=shard_samples, extra=extra)]
+    if holdout:
+        writers.append(ShardWriter(holdout, prefix="demo", max_samples=shard_samples,
+                                   extra={**extra, "split": "holdout"}))
     try:
-        for key, files in tqdm(demo_samples(digits, crops, seed=seed), total=total,
-                               desc=f"build-demo -> {out}", unit="img", disable=not progress):
-            w.write(key, files)
+        for n, (key, files) in enumerate(tqdm(demo_samples(digits, crops, seed=seed), total=total,
+                                              desc=f"build-demo -> {out}", unit="img", disable=not progress)):
+            held = holdout is not None and n % holdout_every == holdout_every - 1
+            writers[1 if held else 0].write(key, files)
     except BaseException as e:
-        w.abort(e)
+        for w in writers:
+            w.abort(e)
         raise
-    return w.close()
+    manifests = [w.close() for w in writers]
+    return manifests[0]

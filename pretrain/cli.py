@@ -35,6 +35,12 @@ def _kv_floats(items: Sequence[str], flag: str) -> dict[str, float]:
     return out
 
 
+def _recipe_names() -> list[str]:
+    from .recipes import list_recipes
+
+    return list_recipes()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vqscale", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -43,11 +49,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     d = sub.add_parser("demo", help="the main job on embedded defaults (CPU, bundled images)",
-                       description="Build the demo dataset, stream it with a save/resume in the middle, "
-                                   "and write a summary under the run directory (runs/demo).")
-    d.add_argument("--quick", action="store_true", help="a smaller dataset and fewer steps")
+                       description="Both stages end to end on a CPU: build the demo dataset, train a tiny "
+                                   "ViT-VQGAN, tokenize, train a tiny class-conditional VIM and sample a grid, "
+                                   "under runs/demo. A second run resumes finished stages instead of redoing them. "
+                                   "--set tokenizer.K=V / prior.K=V override the two training recipes.")
+    d.add_argument("--quick", action="store_true", help="a smaller dataset and fewer steps (about 3 minutes)")
+    d.add_argument("--data", default=None, metavar="URL",
+                   help="where the demo dataset goes (default RUN/data; e.g. s3://bucket/demo)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set data.resolution=32 (repeatable)")
+
+    tr = sub.add_parser("train", help="train a tokenizer or a prior from a recipe (resumes from latest)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Train RECIPE with DeepSpeed on every rank torchrun or Slurm started (or one "
+                                    "process). A run directory that has a checkpoint is resumed from its latest one "
+                                    "(exactly, on the same world size; through DeepSpeed's universal format on "
+                                    "another). SIGTERM/SIGUSR1 stop after the current step with a checkpoint.",
+                        epilog="recipes: " + ", ".join(_recipe_names()))
+    tr.add_argument("--recipe", required=True, help="recipe name (see the list below); -tiny ones run on a CPU")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set optim.lr=1e-4 --set data.url=s3://b/laion (repeatable)")
+    tr.add_argument("--run-dir", default=None, help="run directory, local or URL (default runs/RECIPE)")
+    tr.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints of the run directory")
 
     data = sub.add_parser("data", help="build, shard and inspect datasets")
     dsub = data.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
@@ -163,10 +186,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "demo":
             from .demo import run_demo
 
-            run_demo(quick=args.quick, overrides=args.overrides)
+            run_demo(quick=args.quick, overrides=args.overrides, data=args.data)
             return 0
         if args.verb == "data":
             return _data(args)
+        if args.verb == "train":
+            from .trainer import TrainingDiverged, run_train
+
+            try:
+                res = run_train(args.recipe, args.overrides, run_dir=args.run_dir, resume=not args.no_resume)
+            except TrainingDiverged as e:
+                print(f"vqscale: training diverged: {e}", file=sys.stderr)
+                return 3
+            print(json.dumps({"run_dir": res.run_dir, "state": res.state, "step": res.step,
+                              "last_checkpoint": res.last_checkpoint, "skipped_steps": res.skipped_steps,
+                              "resumed_from": res.resumed_from, "wall_s": round(res.wall_s, 1)}))
+            return 0 if res.state in ("finished", "stopped") else 1
         if args.verb == "sample":
             from model_zoo.package import PackageError
 

@@ -35,6 +35,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (a string from the command line, or a JSON value) to type ``tp``."""
     origin, args = get_origin(tp), get_args(tp)
     if tp is Any:
+        # Free-form values (model_args, DeepSpeed passthrough): a command-line string that reads as
+        # JSON (20, 0.5, true, [8, 8], {"a": 1}) is that value, anything else stays a string.
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                return value
         return value
     if origin in (Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):

@@ -1,102 +1,186 @@
-"""``vqscale demo``: the main job on embedded defaults, on a laptop CPU.
+"""``vqscale demo``: the main job on embedded defaults, both stages end to end on one CPU.
 
-Until the training stages land this runs the data half end to end: build the demo dataset from
-images shipped in installed packages, inspect it, stream it through the resumable loader (with a
-save and a resume in the middle, checked for exactness), write the resolved config, a grid of the
-first batch, and a summary.
+1. build the demo dataset (images shipped inside scikit-learn and scikit-image; a held-out split
+   of every 10th sample) into ``RUN/data`` (``--data s3://...`` puts it in object storage);
+2. train a tiny ViT-VQGAN (recipe ``vit-vqgan-ss-tiny``) in ``RUN/tokenizer``;
+3. tokenize both splits with it into ``RUN/codes``;
+4. train a tiny class-conditional VIM (recipe ``vim-small-tiny``) in ``RUN/prior``;
+5. sample a class-conditional grid (one row per class) into ``RUN/samples/demo_grid.png``.
+
+Every stage is resumable, so a second run resumes rather than redoes: the dataset is kept when
+its manifest exists, a training stage whose latest checkpoint is at its last step is skipped
+(an interrupted one resumes from its latest checkpoint), the tokenize job skips finished shards.
+
+Overrides: ``--set KEY=VALUE`` on :class:`DemoConfig`; ``tokenizer.K=V`` and ``prior.K=V`` go to
+the two training recipes (e.g. ``--set tokenizer.optim.lr=3e-3``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
-
-import numpy as np
 
 from data_pipeline import storage
 
 from .config import apply_overrides, dumps, write_resolved
-from .recipes import get_recipe
-from .repro import run_metadata, seed_everything
-from .sample import save_grid  # the one PNG-grid writer (also used by `vqscale sample`)
+from .repro import run_metadata
+
+log = logging.getLogger("vqscale.demo")
 
 
-def run_demo(quick: bool = False, overrides: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class DemoConfig:
+    run_dir: str = "runs/demo"
+    data: str = ""                    # dataset root ("" = RUN/data); its held-out split goes to DATA-holdout
+    seed: int = 0
+    tokenizer_recipe: str = "vit-vqgan-ss-tiny"
+    prior_recipe: str = "vim-small-tiny"
+    tokenizer_steps: int = 600
+    prior_steps: int = 500
+    quick_tokenizer_steps: int = 150
+    quick_prior_steps: int = 150
+    samples_per_class: int = 8
+    guidance_scale: float = 2.0
+    temperature: float = 1.0
 
-    from data_pipeline.demo import build_demo
-    from data_pipeline.images import image_loader
+
+def _split(overrides: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    own, tok, prior = [], [], []
+    for o in overrides:
+        if o.startswith("tokenizer."):
+            tok.append(o[len("tokenizer."):])
+        elif o.startswith("prior."):
+            prior.append(o[len("prior."):])
+        else:
+            own.append(o)
+    return own, tok, prior
+
+
+def _finished(run_dir: str, steps: int) -> bool:
+    from .checkpoint import latest_step_url
+
+    step = latest_step_url(run_dir)
+    if step is None:
+        return False
+    return int(storage.read_json(storage.join(step, "meta.json"))["step"]) >= steps
+
+
+def _train(recipe: str, run_dir: str, steps: int, sets: list[str], progress: bool, data_url: str, val_url: str,
+           **fields):
+    from .recipes import get_recipe
+    from .trainer import Trainer
+
+    if _finished(run_dir, steps):
+        print(f"[demo] {recipe}: finished in {run_dir}, not trained again", flush=True)
+        return None
+    cfg = dataclasses.replace(get_recipe(recipe), **fields)
+    every = max(1, steps // 4)
+    cfg = dataclasses.replace(
+        cfg, run_dir=run_dir, steps=steps, data=dataclasses.replace(cfg.data, url=data_url),
+        optim=dataclasses.replace(cfg.optim, total_steps=steps, warmup_steps=max(1, steps // 10)),
+        validation=dataclasses.replace(cfg.validation, url=val_url, every=every, visuals_every=every),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every=every))
+    cfg = apply_overrides(cfg, sets)
+    print(f"[demo] training {recipe} for {cfg.steps} steps in {run_dir}", flush=True)
+    return Trainer(cfg, progress=progress).fit()
+
+
+def run_demo(quick: bool = False, overrides: Sequence[str] = (), data: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    import torch
+
+    from data_pipeline.demo import CLASS_NAMES, build_demo
     from data_pipeline.inspection import inspect_dataset
+    from model_zoo.package import load_prior_with_tokenizer
+    from model_zoo.sampling import SamplingConfig
 
-    cfg = apply_overrides(get_recipe("demo"), list(overrides))
-    if quick:
-        cfg = apply_overrides(cfg, [f"steps={min(cfg.steps, 12)}"])
-    run_dir = cfg.run_dir
-    data_url = cfg.data.url or storage.join(run_dir, "data")
-    cfg = apply_overrides(cfg, [f"data.url={data_url}"])
-    seed_everything(cfg.seed)
-    write_resolved(cfg, storage.join(run_dir, "config.json"), extra=run_metadata())
-    print(f"[demo] run directory: {run_dir}\n[demo] resolved config:\n{dumps(cfg)}", flush=True)
+    from .resolve import as_package
+    from .sample import sample_images, save_grid
+    from .tokenize_job import run_tokenize
 
+    own, tok_sets, prior_sets = _split(overrides)
+    cfg = apply_overrides(DemoConfig(), own)
+    if data:
+        cfg = dataclasses.replace(cfg, data=data)
+    run = cfg.run_dir
+    train_url = cfg.data or storage.join(run, "data")
+    val_url = train_url.rstrip("/") + "-holdout" if cfg.data else storage.join(run, "data-holdout")
+    write_resolved(cfg, storage.join(run, "demo_config.json"), extra={**run_metadata(), "quick": quick})
+    print(f"[demo] run directory: {run}\n[demo] config:\n{dumps(cfg)}", flush=True)
     t0 = time.time()
-    if not storage.exists(storage.join(data_url, "manifest.json")):
-        build_demo(data_url, quick=quick, progress=progress)
-    summary = inspect_dataset(data_url, progress=progress)
-    print(f"[demo] dataset: {summary['samples']} samples in {summary['shards']} shards, "
-          f"{summary['bytes'] / 1e6:.1f} MB, {summary['defects']['total']} defects, "
-          f"{len(summary['labels'])} classes, captions on {summary['caption_fraction']:.0%}", flush=True)
+    timings: dict[str, float] = {}
 
-    # Stream half the steps, save the loader state, resume from it in a new loader with another
-    # worker count, and check that no sample was seen twice.
-    half = cfg.steps // 2
-    seen: list[tuple[int, str]] = []  # (epoch, key): each must come exactly once
-    labels: list[int] = []
-    loader = image_loader(cfg.data, cfg.global_batch_size, seed=cfg.seed)
-    t1 = time.time()
-    bar = tqdm(total=cfg.steps, desc="[demo] streaming", unit="batch", disable=not progress)
-    first = None
-    for step, batch in enumerate(loader):
-        if first is None:
-            first = batch["image"]
-        seen += zip(batch["epoch"].tolist(), batch["key"])
-        labels += batch["label"].tolist()
-        bar.update(1)
-        if step + 1 == half:
-            break
-    state = loader.state_dict()
-    storage.write_json(storage.join(run_dir, "loader_state.json"), state)
-    resumed = image_loader(cfg.data, cfg.global_batch_size, seed=cfg.seed,
-                           num_workers=max(1, cfg.data.num_workers - 1))
-    resumed.load_state_dict(storage.read_json(storage.join(run_dir, "loader_state.json")))
-    for step, batch in enumerate(resumed, start=half):
-        seen += zip(batch["epoch"].tolist(), batch["key"])
-        labels += batch["label"].tolist()
-        bar.update(1)
-        if step + 1 == cfg.steps:
-            break
-    bar.close()
-    dt = time.time() - t1
-    repeats = len(seen) - len(set(seen))
-    grid_url = storage.join(run_dir, "samples", "first_batch.png")
-    save_grid(first, grid_url)
+    # 1. data
+    t = time.time()
+    if not (storage.exists(storage.join(train_url, "manifest.json"))
+            and storage.exists(storage.join(val_url, "manifest.json"))):
+        build_demo(train_url, quick=quick, progress=progress, holdout=val_url, seed=cfg.seed)
+    summary = inspect_dataset(train_url, progress=False)
+    print(f"[demo] dataset {train_url}: {summary['samples']} samples in {summary['shards']} shards, "
+          f"{summary['defects']['total']} defects, {len(summary['labels'])} classes; held out: {val_url}", flush=True)
+    timings["data"] = time.time() - t
+
+    # 2. tokenizer
+    t = time.time()
+    tok_steps = cfg.quick_tokenizer_steps if quick else cfg.tokenizer_steps
+    tok_dir = storage.join(run, "tokenizer")
+    tok_res = _train(cfg.tokenizer_recipe, tok_dir, tok_steps, tok_sets, progress, train_url, val_url,
+                     seed=cfg.seed)
+    timings["tokenizer"] = time.time() - t
+
+    # 3. tokenize both splits (resumable: finished shards are skipped)
+    t = time.time()
+    codes, codes_val = storage.join(run, "codes", "train"), storage.join(run, "codes", "holdout")
+    for src, dst in ((train_url, codes), (val_url, codes_val)):
+        run_tokenize(tok_dir, src, dst, batch_size=64, device="cpu", progress=progress)
+    timings["tokenize"] = time.time() - t
+
+    # 4. prior
+    t = time.time()
+    prior_steps = cfg.quick_prior_steps if quick else cfg.prior_steps
+    prior_dir = storage.join(run, "prior")
+    num_classes = len(CLASS_NAMES)
+    prior_res = _train(cfg.prior_recipe, prior_dir, prior_steps, prior_sets, progress, codes, codes_val,
+                       seed=cfg.seed, tokenizer=tok_dir, model_args={"num_classes": num_classes})
+    timings["prior"] = time.time() - t
+
+    # 5. a class-conditional grid: one row per class
+    t = time.time()
+    prior, tokenizer = load_prior_with_tokenizer(as_package(prior_dir, kind="prior"))
+    sampling = SamplingConfig(temperature=cfg.temperature, guidance_scale=cfg.guidance_scale)
+    rows = []
+    for c in range(num_classes):
+        images, _ = sample_images(prior, tokenizer, cfg.samples_per_class, sampling, seed=cfg.seed,
+                                  batch_size=cfg.samples_per_class * 2, class_label=c, progress=False)
+        rows.append(images)
+    grid_url = storage.join(run, "samples", "demo_grid.png")
+    save_grid(torch.cat(rows), grid_url, ncol=cfg.samples_per_class)
+    timings["sample"] = time.time() - t
+
+    def _final(res, run_dir):
+        from .checkpoint import latest_step_url
+
+        meta = storage.read_json(storage.join(latest_step_url(run_dir), "meta.json"))
+        return {"run_dir": run_dir, "step": meta["step"], "trained_now": res is not None,
+                "metrics": {k: v for k, v in (meta.get("metrics") or {}).items()
+                            if k in ("loss", "psnr", "codebook/usage", "codebook/perplexity", "accuracy/code",
+                                     "bits_per_code", "loss/l2", "loss/code_ce")}}
+
     result = {
-        "run_dir": run_dir,
-        "dataset": {k: summary[k] for k in ("shards", "samples", "bytes", "caption_fraction")},
-        "defects": summary["defects"]["total"],
-        "steps": cfg.steps,
-        "images": len(seen),
-        "images_per_s": round(len(seen) / dt, 1),
-        "resumed_at_step": half,
-        "repeated_samples": repeats,
-        "epochs_touched": sorted({e for e, _ in seen}),
-        "exact_resume": repeats == 0,
-        "label_histogram": {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))},
-        "first_batch_grid": grid_url,
-        "wall_s": round(time.time() - t0, 1),
+        "run_dir": run, "quick": quick,
+        "data": {"train": train_url, "holdout": val_url, "samples": summary["samples"]},
+        "tokenizer": _final(tok_res, tok_dir), "codes": codes, "prior": _final(prior_res, prior_dir),
+        "grid": grid_url, "classes": CLASS_NAMES,
+        "tensorboard": f"tensorboard --logdir {run}",
+        "seconds": {k: round(v, 1) for k, v in timings.items()}, "wall_s": round(time.time() - t0, 1),
     }
-    storage.write_json(storage.join(run_dir, "demo_summary.json"), result)
+    storage.write_json(storage.join(run, "demo_summary.json"), result)
     print("[demo] summary:\n" + json.dumps(result, indent=2), flush=True)
-    if not result["exact_resume"]:
-        raise RuntimeError(f"resume was not exact: {repeats} repeated samples")
+    print(f"[demo] run directory: {run}\n[demo] TensorBoard:   tensorboard --logdir {run}\n"
+          f"[demo] sample grid:   {grid_url} (one row per class: {', '.join(CLASS_NAMES)})", flush=True)
     return result
+

@@ -229,9 +229,13 @@ def setup_rank_logging(run_dir_local: str, rank: int, level: int = logging.INFO)
         handlers.append(console)
     root = logging.getLogger()
     for h in list(root.handlers):
-        if getattr(h, _HANDLER_TAG, False):
+        # ours from an earlier call, and a console handler of logging.basicConfig (the CLI's):
+        # the rank-tagged console handler below replaces it, so lines are not printed twice.
+        console = type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stderr, sys.stdout)
+        if getattr(h, _HANDLER_TAG, False) or console:
             root.removeHandler(h)
-            h.close()
+            if not console:
+                h.close()
     for h in handlers:
         setattr(h, _HANDLER_TAG, True)
         root.addHandler(h)

@@ -74,23 +74,14 @@ class SampleError(ValueError):
 
 
 def resolve_prior(path: str) -> str:
-    """The zoo package at ``path``. Run directories and step folders resolve once pretraining
-    writes them; until then they are a clear error rather than a guess."""
-    from model_zoo.package import CONFIG, read_config
+    """The zoo package URL for ``path``: a package, a run directory (its latest checkpoint) or a
+    step folder (exported once, :func:`pretrain.resolve.as_package`); it must hold a prior."""
+    from .resolve import ResolveError, as_package
 
-    cfg_url = storage.join(path, CONFIG)
-    if not storage.exists(cfg_url):
-        hint = (" (a run directory: pass an exported zoo package instead)"
-                if storage.exists(storage.join(path, "checkpoints")) else "")
-        raise SampleError(f"--prior {path}: no {CONFIG}, so not a model-zoo package{hint}")
-    meta = storage.read_json(cfg_url)
-    if "schema_version" not in meta or "kind" not in meta:
-        raise SampleError(f"--prior {path}: {CONFIG} is a run config, not a zoo package; run directories "
-                          "and step folders are not loadable here yet, export a zoo package")
-    meta = read_config(path)
-    if meta["kind"] != "prior":
-        raise SampleError(f"--prior {path} is a {meta['kind']} package ({meta['name']}), not a prior")
-    return path
+    try:
+        return as_package(path, kind="prior")
+    except ResolveError as e:
+        raise SampleError(f"--prior {e}") from None
 
 
 def text_encoder_of(prior: torch.nn.Module):

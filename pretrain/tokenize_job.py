@@ -114,19 +114,17 @@ def _broadcast(env: DistEnv, obj: Any) -> Any:
 
 # -------------------------------------------------------------------------------- tokenizer
 
-def resolve_tokenizer(path: str) -> dict[str, Any]:
-    """The zoo package at ``path`` (its ``config.json``); anything else is a clear error."""
-    from model_zoo.package import CHECKSUMS, CONFIG, read_config
+def resolve_tokenizer(path: str) -> tuple[str, dict[str, Any]]:
+    """``(package URL, its config.json)`` for ``path``: a zoo package, a run directory or a step
+    folder (:func:`pretrain.resolve.as_package`); anything else is a clear error."""
+    from model_zoo.package import CHECKSUMS, read_config
 
-    cfg_url = storage.join(path, CONFIG)
-    if not storage.exists(cfg_url):
-        hint = (" (a run directory: these are not loadable here yet, export a zoo package)"
-                if storage.exists(storage.join(path, "checkpoints")) else "")
-        raise TokenizeError(f"--tokenizer {path}: no {CONFIG}, so not a model-zoo package{hint}")
-    meta = storage.read_json(cfg_url)
-    if "schema_version" not in meta or "kind" not in meta:
-        raise TokenizeError(f"--tokenizer {path}: {CONFIG} is a run config, not a zoo package; run directories "
-                            "and step folders are not loadable here yet, export a zoo package")
+    from .resolve import ResolveError, as_package
+
+    try:
+        path = as_package(path)
+    except ResolveError as e:
+        raise TokenizeError(f"--tokenizer {e}") from None
     meta = read_config(path)
     if meta["kind"] == "prior" and meta.get("tokenizer"):
         raise TokenizeError(f"--tokenizer {path} is a prior's package ({meta['name']}): pass its tokenizer, "
@@ -135,7 +133,7 @@ def resolve_tokenizer(path: str) -> dict[str, Any]:
         raise TokenizeError(f"--tokenizer {path} is a {meta['kind']} package ({meta['name']}), not a tokenizer")
     if not storage.exists(storage.join(path, CHECKSUMS)):
         raise TokenizeError(f"--tokenizer {path} is an incomplete package: no {CHECKSUMS}")
-    return meta
+    return path, meta
 
 
 def load_tokenizer(path: str, device: str) -> tuple[torch.nn.Module, dict[str, str]]:
@@ -144,7 +142,7 @@ def load_tokenizer(path: str, device: str) -> tuple[torch.nn.Module, dict[str, s
 
     from model_zoo.package import CHECKSUMS, load_package
 
-    meta = resolve_tokenizer(path)
+    path, meta = resolve_tokenizer(path)
     url = storage.join(path, CHECKSUMS)
     before = storage.read_bytes(url)
     model = load_package(path, device=device)   # verifies every file against those checksums

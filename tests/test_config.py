@@ -81,15 +81,15 @@ def test_round_trip_is_strict(tmp_path):
 
 
 def test_recipes_and_data_config():
-    assert "demo" in list_recipes()
-    cfg = get_recipe("demo")
+    assert "vit-vqgan-ss-tiny" in list_recipes()
+    cfg = get_recipe("vit-vqgan-ss-tiny")
     assert isinstance(cfg, RunConfig) and isinstance(cfg.data, DataConfig)
     cfg = apply_overrides(cfg, ["data.filters.field_max.pwatermark=0.8", "data.filters.min_width=64",
                                 "data.crop=center"])
     assert cfg.data.filters.field_max == {"pwatermark": 0.8} and cfg.data.filters.min_width == 64
     assert from_dict(RunConfig, to_dict(cfg)) == cfg
-    with pytest.raises(ConfigError, match="unknown recipe 'dem'.*did you mean 'demo'"):
-        get_recipe("dem")
+    with pytest.raises(ConfigError, match="unknown recipe 'vim-bse'.*did you mean 'vim-base'"):
+        get_recipe("vim-bse")
 
 
 def test_cli_reports_a_bad_override_in_one_line(tmp_path):

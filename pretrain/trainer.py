@@ -1,0 +1,522 @@
+"""The Trainer: ONE loop for both stages (torchtitan's ``Trainer``; the objective owns the loss).
+
+Owns the run: the process group and per-rank logs, seeds, the loader (image shards for a
+tokenizer, code shards for a prior), the model from the registry, its DeepSpeed engine(s) and EMA,
+resume from ``RUN_DIR/checkpoints/latest``, the step loop with gradient accumulation, guard rails,
+validation and visuals, metrics, checkpoints and ``status.json``.
+
+A step = ``gradient_accumulation_steps`` micro-batches per rank, each ``loss = objective(...);
+engine.backward(loss); engine.step()``: DeepSpeed accumulates and steps the optimizer at the
+boundary. Step numbers count finished optimizer steps (checkpoint ``step_00000100`` holds the state
+after 100 steps).
+
+Exact resume: the checkpoint restores weights, optimizer, schedule, EMA, every rank's RNG and the
+loader state; nothing between two steps draws from the training RNG (validation, visuals and the
+creation of loader iterators run under ``torch.random.fork_rng``). So on the same world size a run
+killed after step N continues bit-identically in fp32 on CPU (tested with SIGKILL).
+
+Guard rails: a non-finite gradient makes the engine skip the optimizer step on every rank
+(:mod:`pretrain.engine`); the Trainer counts skips (``guard/skipped_steps``), does not update the EMA
+on them, and after ``guard.max_consecutive_skips`` in a row saves a checkpoint and stops with
+:class:`TrainingDiverged`. Codebook usage below the objective's threshold is logged as a warning.
+SIGTERM/SIGUSR1 (Slurm pre-emption) stop every rank after the same step with a checkpoint.
+Collectives time out after ``guard.collective_timeout_s``; each rank logs to ``logs/rank{r}.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data_pipeline import storage
+
+from . import checkpoint as ckpt
+from .config import to_dict, write_resolved
+from .distributed import StopFlag, init_distributed, setup_rank_logging
+from .engine import EMA, build_engine, gradient_accumulation_steps
+from .metrics import MetricLogger
+from .objectives import COLLAPSE_METRIC, CaptionTokenizer, build_objective
+from .recipes import RunConfig
+from .repro import run_metadata, seed_everything
+
+log = logging.getLogger("vqscale.trainer")
+
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "model_from_config", "flops_per_sample"]
+
+# Dense bf16 peak FLOP/s per GPU, for model FLOPs utilization (unknown devices report no MFU).
+_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; a checkpoint of the last good weights was written."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    state: str                        # finished | stopped | diverged
+    step: int
+    last_checkpoint: str | None
+    skipped_steps: int
+    resumed_from: int | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+# ---- building blocks (also used by the resolver and the demo) ----------------------------------
+
+def _tuples(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_tuples(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _tuples(x) for k, x in v.items()}
+    return v
+
+
+def model_from_config(cfg: RunConfig, derived: dict[str, Any] | None = None, device=None) -> nn.Module:
+    """The run's model: ``cfg.model`` with ``cfg.model_args``, plus ``derived`` values (from the
+    data, e.g. a prior's grid and codebook from the code manifest) for fields the preset's config
+    has and ``model_args`` does not set."""
+    from model_zoo.package import model_config
+    from model_zoo.registry import create_model
+
+    args = _tuples(dict(cfg.model_args))
+    if derived:
+        with torch.device("meta"):
+            names = {f.name for f in dataclasses.fields(model_config(create_model(cfg.model, **args)))}
+        args.update({k: _tuples(v) for k, v in derived.items() if k in names and k not in args and v is not None})
+    ctx = torch.device(device) if device is not None else contextlib.nullcontext()
+    with ctx:
+        return create_model(cfg.model, **args)
+
+
+def flops_per_sample(module: nn.Module, *inputs) -> float:
+    """Training FLOPs per sample: 3x the forward FLOPs that torch's FlopCounterMode counts on
+    ``inputs`` (backward ~ 2x forward), divided by the batch size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(*inputs)
+    return 3.0 * counter.get_total_flops() / max(1, len(inputs[0]))
+
+
+def _peak_flops() -> float | None:
+    if not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR") == "cpu":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in _PEAK_BF16.items() if k in name), None)
+
+
+def _local_dir(run_dir: str) -> str:
+    """A local folder for what only writes locally (rank logs, profiler traces, key audits)."""
+    if not storage.is_remote(run_dir):
+        return storage.local_path(run_dir)
+    cache = os.environ.get("VQSCALE_CACHE") or os.path.expanduser("~/.cache/vqscale")
+    return os.path.join(cache, "runs", hashlib.sha256(run_dir.encode()).hexdigest()[:16])
+
+
+def _no_rng():
+    """Run something without touching the training RNG (CPU and CUDA)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def _mean_over_ranks(values: dict[str, torch.Tensor | float], device) -> dict[str, float]:
+    """Means over ranks of same-keyed scalars (one all_reduce)."""
+    keys = sorted(values)
+    if not keys:
+        return {}
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).detach().cpu() for k in keys]).to(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.cpu().tolist()))
+
+
+# ---- the Trainer --------------------------------------------------------------------------------
+
+class Trainer:
+    """``Trainer(cfg).fit()`` trains ``cfg`` to ``cfg.steps`` (resuming from the run directory)."""
+
+    def __init__(self, cfg: RunConfig, progress: bool | None = None):
+        if cfg.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+        self.cfg = dataclasses.replace(cfg, run_dir=cfg.resolved_run_dir())
+        self.progress = cfg.log.progress if progress is None else progress
+        self.run_dir = self.cfg.run_dir
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.env = init_distributed(timeout_s=cfg.guard.collective_timeout_s)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.local_dir = _local_dir(self.run_dir)
+        setup_rank_logging(self.local_dir, self.rank)
+        on_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+        self.reduce_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        seed_everything(cfg.seed, self.rank)
+        self.micro = cfg.micro_batch_size or cfg.global_batch_size // self.world
+        self.gas = gradient_accumulation_steps(cfg.global_batch_size, self.micro, self.world)
+        if self.rank == 0:
+            write_resolved(cfg, storage.join(self.run_dir, "config.json"),
+                           extra={**run_metadata(), "world_size": self.world, "micro_batch_size": self.micro,
+                                  "gradient_accumulation_steps": self.gas})
+        self.loader, derived = self._make_loader(cfg.data.url, self.micro, cfg.seed, cfg.data.num_workers)
+        self.derived = derived
+        self.model = model_from_config(cfg, derived)
+        self.tokenizer = self._visual_tokenizer()
+        lcfg = cfg.tokenizer_loss if cfg.stage == "tokenizer" else cfg.prior_loss
+        self.objective = build_objective(cfg.stage, lcfg, tokenizer=self.tokenizer)
+        if cfg.stage == "prior" and getattr(getattr(self.model, "cfg", None), "text_encoder", None):
+            self.loader.spec = dataclasses.replace(
+                self.loader.spec, collate=CaptionTokenizer.for_prior(self.model).wrap(self.loader.spec.collate))
+        self.engines = {}
+        for name in self.objective.models:
+            if name != "model":
+                raise NotImplementedError(f"objective needs an engine {name!r}: only 'model' is built here")
+            self.engines[name] = build_engine(self.model, cfg.optim, cfg.deepspeed, self.micro,
+                                              cfg.global_batch_size, name=name)
+        self.engine = self.engines["model"]
+        if cfg.compile:
+            self.engine.compile()
+        self.emas = {"model": EMA(self.engine, cfg.ema.decay, cfg.ema.warmup)} if cfg.ema.decay > 0 else {}
+        self.logger = MetricLogger(self.run_dir, rank=self.rank)
+        self.val_loader = None
+        if cfg.validation.url:
+            self.val_loader, _ = self._make_loader(cfg.validation.url, self.micro, cfg.seed + 1, 0)
+            self.val_state = self.val_loader.state_dict()
+        self._collapse_warned = -10**9
+        self.counters = {"skipped_steps": 0, "consecutive_skips": 0, "nonfinite_losses": 0}
+
+    def _make_loader(self, url: str, batch: int, seed: int, workers: int):
+        cfg = self.cfg
+        if not url:
+            raise ValueError(f"run {cfg.name!r}: data.url is empty; point it at "
+                             f"{'image' if cfg.stage == 'tokenizer' else 'code'} shards (--set data.url=...)")
+        if cfg.stage == "tokenizer":
+            from data_pipeline.images import image_loader
+
+            dcfg = dataclasses.replace(cfg.data, url=url, num_workers=workers)
+            return image_loader(dcfg, batch, seed=seed, device=self.device), {}
+        from data_pipeline.codes import code_loader
+
+        loader = code_loader(url, batch, seed=seed, num_workers=workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                             interleave=cfg.data.interleave, pin_memory=cfg.data.pin_memory)
+        dec = loader.spec.decode
+        derived = {"codebook_size": dec.codebook_size, "grid_size": dec.grid_size, "num_tokens": dec.num_tokens}
+        return loader, derived
+
+    def _visual_tokenizer(self):
+        if self.cfg.stage != "prior" or not self.cfg.tokenizer:
+            return None
+        from model_zoo.package import load_package
+
+        from .resolve import as_package
+
+        tok = load_package(as_package(self.cfg.tokenizer, kind="tokenizer"), device=self.device)
+        return tok.eval().requires_grad_(False)
+
+    def _resume(self) -> int | None:
+        cfg = self.cfg
+        res = None
+        if cfg.checkpoint.resume:
+            res = ckpt.load_checkpoint(self.run_dir, self.engines, emas=self.emas)
+        if res is None and cfg.checkpoint.init_from:
+            ckpt.load_checkpoint(cfg.checkpoint.init_from, self.engines, emas=self.emas, weights_only=True)
+            log.info("warm start from %s (weights only)", cfg.checkpoint.init_from)
+            return None
+        if res is None:
+            return None
+        if res.loader_state is not None:
+            self.loader.load_state_dict(res.loader_state)
+        self.counters.update(res.meta.get("trainer", {}))
+        self.step = res.step
+        return res.step
+
+    # -- pieces of a step -----------------------------------------------------------------------
+    def _batches(self) -> Iterator[dict]:
+        while True:
+            with _no_rng():             # DataLoader draws its base seed from the global RNG
+                it = iter(self.loader)
+            yield from it
+
+    def _train_step(self, batches: Iterator[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        cfg, engine = self.cfg, self.engine
+        sums: dict[str, torch.Tensor] = {}
+        info = {"wait": 0.0, "samples": 0, "tokens": 0, "keys": [], "nonfinite": False}
+        before = engine.skipped_steps
+        for _ in range(self.gas):
+            t = time.perf_counter()
+            batch = next(batches)
+            info["wait"] += time.perf_counter() - t
+            loss, metrics = self.objective(self.engines, batch, self.step)
+            if self.step + 1 in cfg.guard.inject_nan_steps and self.rank == 0:
+                loss = loss * float("nan")
+            engine.backward(loss)
+            engine.step()
+            for k, v in metrics.items():
+                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+            if not torch.isfinite(loss.detach()).all():
+                info["nonfinite"] = True
+            n = len(batch["key"])
+            info["samples"] += n
+            if "codes" in batch:
+                info["tokens"] += int(batch["codes"].numel())
+            if cfg.log.record_keys:
+                info["keys"] += list(zip(batch["key"], batch["epoch"].tolist()))
+        info["skipped"] = engine.skipped_steps > before
+        return {k: v / self.gas for k, v in sums.items()}, info
+
+    def _validate(self) -> dict[str, float]:
+        self.val_loader.load_state_dict(self.val_state)
+        sums: dict[str, float] = {}
+        with _no_rng():
+            it = iter(self.val_loader)
+            for _ in range(self.cfg.validation.batches):
+                for k, v in self.objective.validation(self.engines, next(it), self.step).items():
+                    sums[k] = sums.get(k, 0.0) + v
+        means = {k: v / self.cfg.validation.batches for k, v in sums.items()}
+        return _mean_over_ranks(means, self.reduce_device)
+
+    def _visual_batch(self) -> dict:
+        """A fixed batch for the grids: the first of the validation data, else of the training
+        data (a separate loader, so the training stream is untouched)."""
+        if self.val_loader is not None:
+            self.val_loader.load_state_dict(self.val_state)
+            loader = self.val_loader
+        else:
+            loader, _ = self._make_loader(self.cfg.data.url, self.micro, self.cfg.seed + 2, 0)
+        with _no_rng():
+            return next(iter(loader))
+
+    def _visuals(self, batch: dict) -> None:
+        ema = self.emas.get("model")
+        with _no_rng(), (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
+            grids = self.objective.visuals(self.engines, batch)
+        for name, images in grids.items():
+            self.logger.images(self.step, f"visuals/{name}", images)
+            if self.rank == 0:
+                from .sample import save_grid
+
+                save_grid(images, storage.join(self.run_dir, "samples", f"{name}_{ckpt.step_name(self.step)}.png"))
+
+    def _save(self, metrics: dict[str, float]) -> str:
+        state = self.loader.state_dict()
+        url = ckpt.save_checkpoint(self.run_dir, self.step, self.engines, emas=self.emas,
+                                   samples_seen=int(state["samples"]), loader_state=state,
+                                   config=to_dict(self.cfg), metrics=metrics,
+                                   keep_last=self.cfg.checkpoint.keep_last,
+                                   extra_meta={"trainer": dict(self.counters),
+                                               "trainer_model_args": self.derived})
+        self.last_checkpoint = url
+        self._status("running")
+        return url
+
+    def _status(self, state: str) -> None:
+        if self.rank != 0:
+            return
+        storage.write_json(storage.join(self.run_dir, "status.json"), {
+            "state": state, "step": self.step, "steps": self.cfg.steps, "last_checkpoint": self.last_checkpoint,
+            "job_id": os.environ.get("SLURM_JOB_ID"), "world_size": self.world, "time": time.time(),
+            "skipped_steps": self.counters["skipped_steps"]})
+
+    def _memory(self) -> dict[str, float]:
+        out = {"memory/host_max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        if self.device.type == "cuda":
+            out["memory/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        t_start = time.time()
+        self.step, self.last_checkpoint = 0, None
+        self._setup()
+        cfg = self.cfg
+        resumed = self._resume()
+        if resumed is not None:
+            self.last_checkpoint = ckpt.latest_step_url(self.run_dir)
+        log.info("run %s: %s %s, %d steps, global batch %d = %d ranks x %d micro x %d accumulation%s",
+                 self.run_dir, cfg.stage, cfg.model, cfg.steps, cfg.global_batch_size, self.world, self.micro,
+                 self.gas, f", resumed at step {resumed}" if resumed is not None else "")
+        visual_batch = self._visual_batch() if cfg.validation.visuals_every > 0 else None
+        stop = StopFlag().install()
+        keys_file = None
+        if cfg.log.record_keys:
+            os.makedirs(os.path.join(self.local_dir, "keys"), exist_ok=True)
+            keys_file = open(os.path.join(self.local_dir, "keys", f"rank{self.rank}.jsonl"), "a")
+        bar = None
+        if self.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.name}", unit="step", dynamic_ncols=True)
+        peak, flops = _peak_flops(), None
+        state, last_metrics = "finished", {}
+        window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "tokens": 0, "steps": 0}
+        prof = None
+        batches = self._batches()
+        try:
+            while self.step < cfg.steps:
+                if cfg.log.profile_steps > 0 and self.step == cfg.log.profile_start and prof is None:
+                    prof = self._start_profiler()
+                t0 = time.perf_counter()
+                metrics, info = self._train_step(batches)
+                self.step += 1
+                if prof is not None:
+                    prof.step()
+                    if self.step >= cfg.log.profile_start + cfg.log.profile_steps:
+                        prof.stop()
+                        prof = None
+                if info["nonfinite"]:
+                    self.counters["nonfinite_losses"] += 1
+                if info["skipped"]:
+                    self.counters["skipped_steps"] += 1
+                    self.counters["consecutive_skips"] += 1
+                    log.warning("step %d: non-finite gradient, optimizer step skipped (%d in a row, %d in all)",
+                                self.step, self.counters["consecutive_skips"], self.counters["skipped_steps"])
+                else:
+                    self.counters["consecutive_skips"] = 0
+                    for ema in self.emas.values():
+                        ema.update()
+                if keys_file is not None:
+                    keys_file.write(json.dumps({"step": self.step, "keys": info["keys"]}) + "\n")
+                    keys_file.flush()
+                window["wait"] += info["wait"]
+                window["samples"] += info["samples"]
+                window["tokens"] += info["tokens"]
+                window["steps"] += 1
+                if peak is not None and flops is None:
+                    flops = self._measure_flops()
+                if self.step % cfg.log.every == 0 or self.step == cfg.steps or self.step == 1:
+                    last_metrics = self._log(metrics, window, flops, peak)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}",
+                                        skipped=self.counters["skipped_steps"])
+                    window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "tokens": 0, "steps": 0}
+                if bar is not None:
+                    bar.update(1)
+                if self.val_loader is not None and cfg.validation.every > 0 and self.step % cfg.validation.every == 0:
+                    val = self._validate()
+                    self.logger.scalars(self.step, val, prefix="val/")
+                    log.info("step %d validation: %s", self.step,
+                             ", ".join(f"{k}={v:.4g}" for k, v in sorted(val.items()) if k.startswith("loss")))
+                if visual_batch is not None and self.step % cfg.validation.visuals_every == 0:
+                    self._visuals(visual_batch)
+                if self.counters["consecutive_skips"] >= cfg.guard.max_consecutive_skips:
+                    state = "diverged"
+                    self._save(last_metrics)
+                    raise TrainingDiverged(
+                        f"{self.counters['consecutive_skips']} non-finite steps in a row at step {self.step} "
+                        f"(guard.max_consecutive_skips={cfg.guard.max_consecutive_skips}); the weights of the "
+                        f"last good step are saved in {self.last_checkpoint}. Lower optim.lr, raise "
+                        f"optim.warmup_steps or check the data, then resume")
+                if stop.should_stop():
+                    state = "stopped"
+                    self._save(last_metrics)
+                    log.warning("stopped by %s after step %d; checkpoint %s", stop.reason or "a signal",
+                                self.step, self.last_checkpoint)
+                    break
+                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.steps:
+                    self._save(last_metrics)
+            if self.step >= cfg.steps and self.last_checkpoint is None:
+                self._save(last_metrics)      # resumed a finished run: nothing to do
+        except BaseException:
+            if state != "diverged":
+                state = "failed"
+            raise
+        finally:
+            stop.uninstall()
+            if prof is not None:
+                prof.stop()
+            if bar is not None:
+                bar.close()
+            if keys_file is not None:
+                keys_file.close()
+            self._status(state)
+            self.logger.close()
+        return TrainResult(run_dir=self.run_dir, state=state, step=self.step, last_checkpoint=self.last_checkpoint,
+                           skipped_steps=self.counters["skipped_steps"], resumed_from=resumed,
+                           metrics=last_metrics, wall_s=time.time() - t_start)
+
+    def _log(self, metrics: dict[str, torch.Tensor], window: dict, flops: float | None,
+             peak: float | None) -> dict[str, float]:
+        out = _mean_over_ranks(metrics, self.reduce_device)
+        dt = max(1e-9, time.perf_counter() - window["t"])
+        extra = {"images_per_s": window["samples"] * self.world / dt,
+                 "data_wait_fraction": window["wait"] / dt,
+                 "step_time_s": dt / max(1, window["steps"])}
+        if window["tokens"]:
+            extra["tokens_per_s"] = window["tokens"] * self.world / dt
+        extra = _mean_over_ranks(extra, self.reduce_device)   # per-rank estimates of global rates
+        out.update(extra)
+        out["lr"] = float(self.engine.get_lr()[0])
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            out["grad_norm"] = float(gn)
+        out["guard/skipped_steps"] = float(self.counters["skipped_steps"])
+        out["guard/nonfinite_losses"] = float(self.counters["nonfinite_losses"])
+        out["samples_seen"] = float(self.loader.samples_seen * self.world)
+        if flops is not None and peak is not None:
+            out["mfu"] = flops * window["samples"] / dt / peak
+        out.update(self._memory())
+        if out.get(COLLAPSE_METRIC, 0.0) > 0 and self.step - self._collapse_warned >= 10 * self.cfg.log.every:
+            self._collapse_warned = self.step
+            log.warning("step %d: codebook collapse: %.1f%% of the codes the batch could use are in use",
+                        self.step, 100 * out.get("codebook/usage_of_possible", float("nan")))
+        self.logger.scalars(self.step, out)
+        if self.rank == 0 and not self.progress:
+            log.info("step %d: loss %.4f, %.1f img/s, data wait %.0f%%", self.step, out.get("loss", math.nan),
+                     out["images_per_s"], 100 * out["data_wait_fraction"])
+        return out
+
+    def _measure_flops(self) -> float:
+        """Training FLOPs per sample of this rank's model, counted once on a fixed input."""
+        module = self.engine.module
+        with _no_rng():
+            batch = self._visual_batch()
+            if self.cfg.stage == "tokenizer":
+                return flops_per_sample(module, batch["image"][:1].to(self.device))
+            codes = batch["codes"][:1].to(self.device).long()
+            cond = self.objective.condition(module, batch, 1)
+            if isinstance(cond, torch.Tensor):
+                cond = cond.to(self.device)
+            pos = batch.get("positions")
+            return flops_per_sample(module, codes, cond, None if pos is None else pos[:1].to(self.device).long())
+
+    def _start_profiler(self):
+        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        folder = os.path.join(self.local_dir, "profile")
+        log.info("profiling steps %d-%d into %s", self.step + 1, self.step + self.cfg.log.profile_steps, folder)
+        prof = profile(activities=acts, record_shapes=True, with_stack=False,
+                       on_trace_ready=tensorboard_trace_handler(folder, worker_name=f"rank{self.rank}"))
+        prof.start()
+        return prof
+
+
+def run_train(recipe: str, overrides=(), run_dir: str | None = None, resume: bool = True) -> TrainResult:
+    """``vqscale train``: a recipe plus ``--set`` overrides, trained (resuming by default)."""
+    from .config import apply_overrides
+    from .recipes import get_recipe
+
+    cfg = apply_overrides(get_recipe(recipe), list(overrides))
+    if run_dir:
+        cfg = dataclasses.replace(cfg, run_dir=run_dir)
+    if not resume:
+        cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=False))
+    return Trainer(cfg).fit()
