@@ -13,6 +13,42 @@ tables (``nn.Embedding``), position embeddings, codebooks, class/mask tokens (pa
 named ``weight``), nor names a model lists in ``no_weight_decay()`` (timm's convention).
 Parameters with ``requires_grad=False`` (frozen text encoders) are given to no optimizer.
 
+Non-finite steps (:func:`_skip_nonfinite_steps`, applied to every engine by :func:`build_engine`):
+when any gradient of a global step is NaN/inf on any rank (e.g. one rank's loss was NaN), the
+optimizer step is skipped on all ranks: weights, AdamW moments and step counts stay as they were,
+the LR schedule does not advance, the accumulated gradients are dropped (the next step starts
+clean), ``engine.skipped_steps`` goes up by one, ``engine.was_step_applied()`` is False and
+``engine.get_global_grad_norm()`` reads ``inf``. DeepSpeed's own ``_take_model_step`` does the
+counting and holds the scheduler back whenever ``engine.optimizer.overflow`` is True; the
+optimizers below set that flag identically on every rank:
+
+* ZeRO-1/2 (``DeepSpeedZeroOptimizer``): its step computes the global grad norm (one all-reduce
+  SUM over the data-parallel group, so a NaN on any rank reaches all) and skips when it is not
+  finite: always for fp32, for bf16 only with ``check_grad_overflow`` (DeepSpeed's default for
+  bf16, which adds its own all-reduce MAX of an inf/NaN flag). The norm is not computed with
+  ``zero_optimization.compute_grad_norm=false``; there, or where bf16 ``check_grad_overflow`` was
+  turned off, ``check_grad_overflow`` is switched on so the flag check runs.
+* ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): its step skips whenever the global grad norm (an
+  all-reduce over the data-parallel group) is not finite, whatever the dtype (its separate flag
+  check runs for fp16 only and is not needed). Nothing is patched.
+* Stage 0, bf16 (``FP16_UnfusedOptimizer``; ``FP16_Optimizer`` with DeepSpeed's fused Adam):
+  the wrapper checks the gradients, which the engine's all-reduce at the accumulation boundary
+  has already made the same on every rank, and skips. Nothing is patched. Likewise
+  ``BF16_Optimizer`` (ZeRO-1 in bf16 with ``data_types.grad_accum_dtype=fp32`` in
+  ``passthrough``), which skips on a non-finite global grad norm.
+* Stage 0, fp32: the engine steps the bare torch optimizer, with no check at all. Its ``step`` is
+  wrapped (:func:`_guard_bare_optimizer`): it takes the global grad norm of the (already averaged)
+  gradients, agrees on it with one 1-element all-reduce MAX (a non-finite norm on any rank becomes
+  inf everywhere), then either skips (``overflow = True``; the engine's ``zero_grad`` drops the
+  gradients) or clips to ``grad_clip`` with that norm and steps. The engine's own fp32 clipping
+  (``clip_fp32_gradients``, a second norm and all-reduce) is switched off for that engine, so the
+  reported ``get_global_grad_norm()`` is the norm before clipping, as at the other stages.
+
+Any other optimizer wrapper makes :func:`build_engine` fail rather than train without the check.
+These are the paths of the pinned DeepSpeed 0.19.8 (``constraints.txt``); older releases checked
+less (ZeRO-3 only for fp16), and ``tests/test_nonfinite.py`` fails if a DeepSpeed change drops one.
+The engine's ``global_steps`` still counts a skipped step (as DeepSpeed does for fp16 overflows).
+
 Model code is single-device code; this module never imports model_zoo.
 """
 
@@ -274,7 +310,85 @@ def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_settings: DeepSpee
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     engine.vqscale_name = name
     engine.vqscale_ds_config = cfg
+    _skip_nonfinite_steps(engine)
     return engine
+
+
+# ---- non-finite steps (see the module docstring) ---------------------------------------------------
+def _skip_nonfinite_steps(engine) -> None:
+    """Make ``engine`` skip every optimizer step whose gradients are not all finite, with the same
+    decision on every rank (``engine.optimizer.overflow`` set, so DeepSpeed counts it in
+    ``engine.skipped_steps`` and does not advance the LR schedule). What each stage needs is in the
+    module docstring."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if isinstance(opt, DeepSpeedZeroOptimizer):
+        # the norm check covers fp32 (and bf16 with the flag check on); else turn the flag check on
+        if not opt.compute_grad_norm or (opt.dtype == torch.bfloat16 and not opt.check_grad_overflow):
+            opt.check_grad_overflow = True
+    elif isinstance(opt, (DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer, FP16_Optimizer, FP16_UnfusedOptimizer)):
+        pass                                       # they skip on a non-finite norm / gradient already
+    elif isinstance(opt, torch.optim.Optimizer) and opt is engine.basic_optimizer:
+        _guard_bare_optimizer(engine)              # stage 0, fp32
+    else:
+        raise TypeError(f"engine {getattr(engine, 'vqscale_name', '')!r}: optimizer wrapper {type(opt).__name__} "
+                        "is not known to skip non-finite steps (see pretrain/engine.py)")
+
+
+def _guard_bare_optimizer(engine) -> None:
+    """Stage 0, fp32: wrap ``engine.optimizer.step`` (the bare torch optimizer) in a check.
+
+    At the accumulation boundary DeepSpeed has already averaged the gradients over the ranks, so
+    every rank holds the same gradients. The wrapped step computes their global L2 norm, makes it
+    ``inf`` if it is not finite and takes the MAX over the ranks (one 1-element all-reduce: the
+    decision is the same everywhere even if the norms were to differ in the last bit). If it is
+    ``inf`` the step is skipped and ``overflow`` set; else the gradients are clipped to the
+    engine's ``gradient_clipping`` with that norm (the rule of DeepSpeed's ``clip_grad_norm_``:
+    ``min(1, clip / (norm + 1e-6))``) and the optimizer steps. ``_global_grad_norm`` (read by
+    ``engine.get_global_grad_norm()``) is the norm before clipping, ``inf`` on a skipped step.
+    """
+    import functools
+
+    import torch.distributed as dist
+
+    opt = engine.optimizer
+    params = [p for g in opt.param_groups for p in g["params"]]
+    clip = float(engine.gradient_clipping())
+    inner = opt.step
+    opt.overflow = False
+    opt._global_grad_norm = None
+
+    @functools.wraps(inner)         # copies LambdaLR's `_wrapped_by_lr_sched` marker along
+    def step(*args, **kwargs):
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32)
+                                                      for g in grads])) if grads else torch.zeros(()))
+        norm = torch.where(torch.isfinite(norm), norm, torch.full_like(norm, math.inf)).reshape(1)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                      else torch.device("cpu"))
+            norm = norm.to(device)
+            dist.all_reduce(norm, op=dist.ReduceOp.MAX)
+        total = float(norm.item())
+        opt.overflow = not math.isfinite(total)
+        opt._global_grad_norm = math.inf if opt.overflow else total
+        if opt.overflow:
+            return None             # the engine's zero_grad() drops the accumulated gradients next
+        if clip > 0 and grads:
+            coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef.to(g.device, g.dtype))
+        return inner(*args, **kwargs)
+
+    opt.step = step
+    # the wrapped step clips (after its check, with the norm it took); the engine's own fp32
+    # clipping, which runs before optimizer.step(), would compute and all-reduce the norm again
+    engine.clip_fp32_gradients = lambda: None
 
 
 def _zero3(engine) -> bool:

@@ -537,7 +537,7 @@ def test_config_sections_take_overrides():
     from pretrain.config import apply_overrides
 
     ds = apply_overrides(pe.DeepSpeedSettings(), ["zero_stage=3", "bf16=true", "passthrough.steps_per_print=5"])
-    assert ds.zero_stage == 3 and ds.bf16 is True and ds.passthrough == {"steps_per_print": "5"}
+    assert ds.zero_stage == 3 and ds.bf16 is True and ds.passthrough == {"steps_per_print": 5}   # JSON-read free-form value
     assert apply_overrides(pe.DeepSpeedSettings(), ["bf16=auto"]).bf16 == "auto"
     opt = apply_overrides(pe.OptimConfig(), ["betas=0.9,0.99", "lr=2e-4"])
     assert opt.betas == (0.9, 0.99) and opt.lr == 2e-4
