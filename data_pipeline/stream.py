@@ -19,6 +19,18 @@ Design (what makes resume exact at any world size):
   the main process keeps the latest per worker, so the saved state covers exactly the batches
   the training loop received (not those prefetched), and ranks' states merge by taking, per
   shard, the record with the larger cursor.
+* **Exact order on an unchanged layout.** The progress above is exact as a *set*; the order
+  also depends on each slot's RNG (shuffle, interleave and mixture draws, random crops), its
+  buffer, its open shards and its deal of shards. So each snapshot also carries its slot's
+  whole reader state (:mod:`data_pipeline.resume_exact`: buffered samples by name, not bytes),
+  and the saved state keeps one such record per slot and, per rank, which worker the
+  round-robin of the ``DataLoader`` serves next. A resume with the same ranks, workers, seed
+  and ``max_epochs`` restores every slot (re-reading its buffered samples from their shards)
+  and rotates the workers' roles so that the rank's round-robin goes on with the worker that
+  was next: its batches are those the uninterrupted run gives, samples, order and crops. On any
+  other layout the records are dropped and the shards re-dealt as above. Either way the
+  per-shard progress stays the source of truth, so a later resume on another layout stays exact
+  as a set.
 
 Policies:
 
@@ -48,6 +60,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import resume_exact as exact
 from .defects import DefectLog, SampleDefect, SampleFiltered, TRUNCATED_SHARD
 from .shards import ShardError, iter_shard
 from .sources import DataError, Source
@@ -183,6 +196,10 @@ def merge_states(base: dict[str, Any], deltas: Sequence[dict[str, Any]]) -> dict
         out["sources"].append({"url": src["url"], "fingerprint": src["fingerprint"], **sp.to_json()})
     out["samples"] += sum(int(d["samples"]) for d in deltas)
     out["defects"] = DefectLog.merged([base["defects"], *(d["defects"] for d in deltas)]).to_state()
+    # The base's slot records are superseded: every rank reports all of its slots.
+    slots = exact.merge_exact(deltas)
+    if slots is not None:
+        out["exact"] = slots
     return out
 
 
@@ -196,6 +213,26 @@ def slot_shards(progress: SourceProgress, seed: int, source_index: int, epoch: i
     ``epoch``: the epoch's unfinished shards in seeded order, dealt round-robin."""
     order = shard_order(seed, source_index, epoch, progress.num_shards)
     return progress.remaining(epoch, order)[slot::nslots]
+
+
+def start_record(spec: "StreamSpec", state: dict[str, Any], slot: int, nslots: int) -> dict[str, Any]:
+    """The exact record of a slot that starts from ``state`` by a fresh deal (see
+    :mod:`data_pipeline.resume_exact`)."""
+    # A fresh stream per (seed, layout, resume point): deterministic for a given checkpoint.
+    rng = np.random.default_rng([spec.seed, nslots, slot, int(state["samples"]), 0x57AE])
+    sources = []
+    for i in range(len(spec.sources)):
+        progress = SourceProgress.from_json(state["sources"][i])
+        first = progress.first_epoch
+        last = None if spec.max_epochs is None else first + spec.max_epochs
+        # Epochs with progress are dealt from it now; those without are dealt fresh, later.
+        plan = {str(e): [[s, c, sorted(p)] for s, c, p in
+                         slot_shards(progress, spec.seed, i, e, slot, nslots)]
+                for e in sorted(progress.epochs) if e >= first and (last is None or e < last)}
+        sources.append({"plan": plan, "dealt": [first, None], "last": last, "open": [],
+                        "retiring": [], "buffer": exact.pack_ids([]), "watch": {},
+                        "exhausted": False})
+    return {"rng": exact.rng_state(rng), "finished": False, "sources": sources}
 
 
 # ---------------------------------------------------------------------------------- worker side
@@ -267,33 +304,73 @@ class _OpenShard:
 class _SourceReader:
     """One slot's reader of one source: tasks across epochs, interleaved shards, shuffle buffer."""
 
-    def __init__(self, spec: StreamSpec, index: int, progress: SourceProgress, slot: int,
+    def __init__(self, spec: StreamSpec, index: int, record: dict[str, Any], slot: int,
                  nslots: int, rng: np.random.Generator, defects: DefectLog):
+        """Restores the reader from its part of a slot record (:func:`start_record` for a fresh
+        deal); the shards and samples it names are reopened and read again."""
         self.spec, self.index, self.source = spec, index, spec.sources[index]
-        self.progress, self.slot, self.nslots = progress, slot, nslots
+        self.slot, self.nslots = slot, nslots
         self.rng, self.defects = rng, defects
+        self.plan = {int(e): [(int(s), int(c), frozenset(int(i) for i in p)) for s, c, p in tasks]
+                     for e, tasks in record["plan"].items()}
+        self.epoch, self.pos = int(record["dealt"][0]), record["dealt"][1]
+        self.last = record["last"]
+        self._deal: tuple[int | None, list] = (None, [])
+        self._watch: dict[int, dict[str, int]] = {int(e): dict(w) for e, w in record["watch"].items()}
+        self.exhausted = bool(record["exhausted"])
         self.open: list[_OpenShard] = []
         self.active: dict[tuple[int, int], _OpenShard] = {}
         self.buffer: list[tuple[int, int, int, str, dict[str, bytes]]] = []
         self.done_delta: list[tuple[int, int]] = []
-        self.exhausted = False
-        self._watch: dict[int, dict[str, int]] = {}
-        self._tasks = self._task_iter()
+        for e, s, cursor, unread in record["open"]:
+            self.open.append(self._open(int(e), int(s), int(cursor), frozenset(int(i) for i in unread)))
+        for e, s, cursor in record["retiring"]:
+            self._open(int(e), int(s), int(cursor), frozenset()).read_done = True
+        ids = exact.unpack_ids(record["buffer"])
+        if ids:
+            url_of = lambda s: self.source.shards[s].url  # noqa: E731
+            for entry in exact.reread_buffer(url_of, ids, spec.retries, spec.retry_backoff, defects):
+                self.active[(entry[0], entry[1])].in_buffer += 1
+                self.buffer.append(entry)
+            for sh in list(self.active.values()):  # one whose samples could not be re-read
+                if sh.read_done:
+                    self._retire_if_done(sh)
 
-    def _task_iter(self):
-        first = self.progress.first_epoch
-        last = None if self.spec.max_epochs is None else first + self.spec.max_epochs
-        e = first
-        while last is None or e < last:
-            mine = slot_shards(self.progress, self.spec.seed, self.index, e, self.slot, self.nslots)
-            # An endless stream over a source that yields nothing would spin forever: watch each
-            # fresh epoch, and fail once all of this slot's shards of it ended with no sample.
-            if self.progress.epochs.get(e) is None and mine and last is None:
-                self._watch[e] = {"shards": len(mine), "ended": 0, "buffered": 0, "resolved": 0, "ok": 0}
-            for s, cursor, pending in mine:
-                sh = self.source.shards[s]
-                yield _OpenShard(e, s, sh.url, sh.samples, cursor, pending, self.spec)
-            e += 1
+    def _open(self, e: int, s: int, cursor: int, pending: frozenset[int]) -> "_OpenShard":
+        sh = self.source.shards[s]
+        task = self.active[(e, s)] = _OpenShard(e, s, sh.url, sh.samples, cursor, pending, self.spec)
+        return task
+
+    def _tasks_of(self, e: int) -> list[tuple[int, int, frozenset[int]]]:
+        if self._deal[0] != e:
+            if e in self.plan:
+                tasks = self.plan[e]
+            else:
+                order = shard_order(self.spec.seed, self.index, e, len(self.source.shards))
+                tasks = [(int(s), 0, frozenset()) for s in order[self.slot::self.nslots]]
+            self._deal = (e, tasks)
+        return self._deal[1]
+
+    def _enter(self, e: int) -> None:
+        self.epoch, self.pos = e, 0
+        tasks = self._tasks_of(e)
+        # An endless stream over a source that yields nothing would spin forever: watch each
+        # fresh epoch, and fail once all of this slot's shards of it ended with no sample.
+        if e not in self.plan and tasks and self.last is None:
+            self._watch[e] = {"shards": len(tasks), "ended": 0, "buffered": 0, "resolved": 0, "ok": 0}
+
+    def _next_task(self) -> "_OpenShard | None":
+        """The next shard of this slot's deal, epoch after epoch; None at the end (max_epochs)."""
+        while self.last is None or self.epoch < self.last:
+            if self.pos is None:
+                self._enter(self.epoch)
+            tasks = self._tasks_of(self.epoch)
+            if self.pos < len(tasks):
+                s, cursor, pending = tasks[self.pos]
+                self.pos += 1
+                return self._open(self.epoch, s, cursor, pending)
+            self.epoch, self.pos = self.epoch + 1, None
+        return None
 
     def _shard_ended(self, sh: _OpenShard) -> None:
         if sh.epoch in self._watch:
@@ -322,11 +399,10 @@ class _SourceReader:
     def _read_one(self) -> bool:
         while True:
             while len(self.open) < self.spec.interleave:
-                task = next(self._tasks, None)
+                task = self._next_task()
                 if task is None:
                     break
                 self.open.append(task)
-                self.active[(task.epoch, task.shard)] = task
             if not self.open:
                 return False
             j = int(self.rng.integers(len(self.open)))
@@ -379,24 +455,46 @@ class _SourceReader:
         done, self.done_delta = self.done_delta, []
         return {"active": active, "done": done}
 
+    def exact(self) -> dict[str, Any]:
+        """This reader's part of the slot record, less ``plan`` and ``last`` (the main process
+        knows them: :func:`data_pipeline.resume_exact.advance`)."""
+        return {"dealt": [self.epoch, self.pos],
+                "open": [[sh.epoch, sh.shard, sh.cursor, sorted(sh.unread_pending)] for sh in self.open],
+                "retiring": [[e, s, sh.cursor] for (e, s), sh in self.active.items() if sh.read_done],
+                "buffer": exact.pack_ids([entry[:3] for entry in self.buffer]),
+                "watch": {str(e): dict(w) for e, w in self._watch.items()},
+                "exhausted": self.exhausted}
+
 
 class ShardStream(IterableDataset):
-    """Yields collated batches, each with its worker's progress under ``"__state__"``."""
+    """Yields collated batches, each with its worker's progress under ``"__state__"``.
 
-    def __init__(self, spec: StreamSpec, state: dict[str, Any], rank: int, world_size: int):
+    ``starts`` holds the slot record (:mod:`data_pipeline.resume_exact`) each worker role of
+    this rank starts from; worker ``w`` plays role ``(w + offset) % workers``, so that after an
+    exact resume the ``DataLoader``'s round-robin, which starts at worker 0, starts at the role
+    that was next.
+    """
+
+    def __init__(self, spec: StreamSpec, starts: Sequence[dict[str, Any]], rank: int,
+                 world_size: int, offset: int = 0):
         super().__init__()
-        self.spec, self.state, self.rank, self.world_size = spec, state, rank, world_size
+        self.spec, self.starts, self.rank, self.world_size = spec, list(starts), rank, world_size
+        self.offset = offset
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
-        slot, nslots = self.rank * nworkers + wid, self.world_size * nworkers
-        spec = self.spec
-        # A fresh stream per (seed, layout, resume point): deterministic for a given checkpoint.
-        rng = np.random.default_rng([spec.seed, nslots, slot, int(self.state["samples"]), 0x57AE])
+        if nworkers != len(self.starts):
+            raise RuntimeError(f"{nworkers} workers for {len(self.starts)} slot records")
+        role = (wid + self.offset) % nworkers
+        slot, nslots = self.rank * nworkers + role, self.world_size * nworkers
+        spec, record = self.spec, self.starts[role]
+        if record["finished"]:
+            return  # this role's finite stream ended before the state was saved
+        rng = exact.rng_from_state(record["rng"])
         defects = DefectLog()
-        readers = [_SourceReader(spec, i, SourceProgress.from_json(self.state["sources"][i]), slot,
-                                 nslots, rng, defects) for i in range(len(spec.sources))]
+        readers = [_SourceReader(spec, i, record["sources"][i], slot, nslots, rng, defects)
+                   for i in range(len(spec.sources))]
         weights = np.array([s.weight for s in spec.sources], dtype=np.float64)
         while True:
             samples, epochs = [], []
@@ -426,18 +524,24 @@ class ShardStream(IterableDataset):
             if not samples or (len(samples) < spec.batch_size and spec.drop_last):
                 # The end of a finite stream: a last message with no samples carries the progress
                 # and the defects counted since the last batch, so none of them is lost.
-                snap = {"worker": wid, "sources": [r.snapshot() for r in readers], "samples": 0,
-                        "defects": defects.take_delta()}
+                snap = {"worker": role, "sources": [r.snapshot() for r in readers], "samples": 0,
+                        "defects": defects.take_delta(), "exact": self._exact(rng, readers, True)}
                 yield {"__state__": pickle.dumps(snap, protocol=pickle.HIGHEST_PROTOCOL)}
                 return
             batch = spec.collate(samples)
             # Which epoch of its dataset each sample belongs to: near an epoch boundary a batch
             # mixes the tail of one epoch with the head of the next.
             batch["epoch"] = torch.tensor(epochs, dtype=torch.long)
-            snap = {"worker": wid, "sources": [r.snapshot() for r in readers],
-                    "samples": len(samples), "defects": defects.take_delta()}
+            snap = {"worker": role, "sources": [r.snapshot() for r in readers],
+                    "samples": len(samples), "defects": defects.take_delta(),
+                    "exact": self._exact(rng, readers, False)}
             batch["__state__"] = pickle.dumps(snap, protocol=pickle.HIGHEST_PROTOCOL)
             yield batch
+
+    @staticmethod
+    def _exact(rng: np.random.Generator, readers: list[_SourceReader], finished: bool) -> dict[str, Any]:
+        return {"rng": exact.rng_state(rng), "finished": finished,
+                "sources": [r.exact() for r in readers]}
 
 
 # --------------------------------------------------------------------------------- main process
@@ -451,14 +555,18 @@ class _RankProgress:
         self.active: list[dict[int, dict]] = [dict() for _ in range(nsources)]
         self.samples = 0
         self.defects = DefectLog()
+        self.exact: dict[int, dict[str, Any]] = {}   # role -> its slot record, less its plan
+        self.last_role: int | None = None
 
     def update(self, snap: dict[str, Any]) -> None:
-        wid = snap["worker"]
+        role = snap["worker"]
         for i, src in enumerate(snap["sources"]):
             self.done[i].update(src["done"])
-            self.active[i][wid] = src["active"]
+            self.active[i][role] = src["active"]
         self.samples += snap["samples"]
         self.defects.add_state(snap["defects"])
+        self.exact[role] = snap["exact"]
+        self.last_role = role
 
     def delta(self) -> dict[str, Any]:
         sources = []
@@ -508,6 +616,7 @@ class StreamingLoader:
                     f"reshard it smaller (vqscale data shard --shard-size) or use fewer workers")
         self._base = initial_state(spec.sources)
         self._progress = _RankProgress(len(spec.sources))
+        self._starts: tuple[list[dict[str, Any]], int] | None = None
 
     # -- state
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -522,10 +631,40 @@ class StreamingLoader:
                                 f"({saved['fingerprint']} != {src.fingerprint})")
         self._base = state
         self._progress = _RankProgress(len(self.spec.sources))
+        self._starts = None
+
+    def _layout(self) -> dict[str, Any]:
+        return exact.layout(self.spec.seed, self.world_size, max(1, self.num_workers),
+                            self.spec.max_epochs)
+
+    def _slot_starts(self) -> tuple[list[dict[str, Any]], int]:
+        """The record each worker role of this rank starts from, and the role worker 0 plays:
+        the saved ones if the state fits this layout exactly, else a fresh deal."""
+        if self._starts is None:
+            workers = max(1, self.num_workers)
+            first = self.rank * workers
+            saved = exact.saved_slots(self._base, self._layout(), len(self.spec.sources))
+            if saved is not None:
+                self._starts = ([saved["slots"][str(first + w)] for w in range(workers)],
+                                int(saved["next"][str(self.rank)]))
+            else:
+                nslots = self.world_size * workers
+                self._starts = ([start_record(self.spec, self._base, first + w, nslots)
+                                 for w in range(workers)], 0)
+        return self._starts
 
     def local_delta(self) -> dict[str, Any]:
         """This rank's progress since the state was loaded (merge with :func:`merge_states`)."""
-        return self._progress.delta()
+        delta = self._progress.delta()
+        starts, offset = self._slot_starts()
+        workers = len(starts)
+        last = self._progress.last_role
+        # Roles that delivered nothing since the load are still at their start record.
+        slots = {str(self.rank * workers + w): exact.advance(starts[w], self._progress.exact.get(w))
+                 for w in range(workers)}
+        delta["exact"] = {"layout": self._layout(), "rank": self.rank, "slots": slots,
+                          "next": offset if last is None else (last + 1) % workers}
+        return delta
 
     def state_dict(self) -> dict[str, Any]:
         """The global state; under torch.distributed a collective that every rank must call."""
@@ -554,11 +693,12 @@ class StreamingLoader:
 
     # -- iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self._progress.samples or any(self._progress.done) or any(self._progress.active):
+        if self._progress.last_role is not None:
             # Iterating again continues where the last iteration stopped (a collective under
             # torch.distributed, like state_dict).
             self.load_state_dict(self.state_dict())
-        ds = ShardStream(self.spec, self._base, self.rank, self.world_size)
+        starts, offset = self._slot_starts()
+        ds = ShardStream(self.spec, starts, self.rank, self.world_size, offset)
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}

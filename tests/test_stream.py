@@ -4,13 +4,18 @@ tails, mixing, start-up errors, and LAION-scale shard lists."""
 from __future__ import annotations
 
 import collections
+import io
 import json
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from data_pipeline import storage
 from data_pipeline.config import DataConfig
 from data_pipeline.images import image_loader
+from data_pipeline.shards import ShardWriter, make_manifest
 from data_pipeline.sources import DataError, open_sources
 from data_pipeline.stream import SourceProgress, StreamingLoader, merge_states, slot_shards
 from tests.datasets import make_dataset
@@ -216,6 +221,7 @@ def test_loader_state_is_a_collective_across_real_processes(tmp_path, uneven):
 import json, os, torch.distributed as dist
 from data_pipeline.config import DataConfig
 from data_pipeline.images import image_loader
+from data_pipeline.shards import ShardWriter, make_manifest
 dist.init_process_group("gloo")
 loader = image_loader(DataConfig(url={root!r}, resolution=8, shuffle_buffer=16), 5, num_workers=2)
 seen = []
@@ -255,3 +261,158 @@ def test_streaming_loader_rejects_bad_state_version(uneven):
     with pytest.raises(DataError, match="version"):
         loader.load_state_dict({"version": 99, "sources": []})
     assert isinstance(loader, StreamingLoader)
+
+
+# ------------------------------------------------------------------ exact order on the same layout
+
+
+def _wide_image(i: int) -> bytes:
+    """20x12: resized to 13x8 for resolution 8, so the random crop draws from the stream's RNG."""
+    arr = np.random.default_rng(i).integers(0, 255, size=(12, 20, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _make_wide(root: str, sizes: list[int], prefix: str) -> None:
+    shards, n = [], 0
+    for j, size in enumerate(sizes):
+        w = ShardWriter(root, prefix=f"{prefix}{j:03d}", max_samples=10**9, write_manifest=False)
+        for _ in range(size):
+            w.write(f"{prefix}{n:05d}", {"png": _wide_image(n), "cls": str(n % 5).encode(),
+                                         "json": json.dumps({"width": 20, "height": 12}).encode()})
+            n += 1
+        w.close()
+        shards += w.shards
+    storage.write_json(storage.join(root, "manifest.json"), make_manifest(shards))
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """Two datasets of non-square images: 6 shards (44 samples) and 4 shards (23 samples)."""
+    a, b = str(tmp_path_factory.mktemp("wide_a")), str(tmp_path_factory.mktemp("wide_b"))
+    _make_wide(a, [7, 9, 5, 11, 8, 4], "a")
+    _make_wide(b, [6, 3, 8, 6], "b")
+    return a, b
+
+
+def _loaders(url, world, workers, state=None, **kw):
+    kw = {"shuffle_buffer": 12, "interleave": 3, **kw}
+    max_epochs = kw.pop("max_epochs", None)
+    out = []
+    for r in range(world):
+        loader = image_loader(cfg(url, **kw), 5, seed=7, rank=r, world_size=world,
+                              num_workers=workers, max_epochs=max_epochs)
+        if state is not None:
+            loader.load_state_dict(state)
+        out.append(loader)
+    return out
+
+
+def _batches(loader, n=None):
+    out = []
+    for b in loader:
+        out.append({"key": b["key"], "epoch": b["epoch"].tolist(), "label": b["label"].tolist(),
+                    "image": b["image"].clone()})
+        if len(out) == n:
+            break
+    return out
+
+
+def _assert_same(got, want):
+    assert [b["key"] for b in got] == [b["key"] for b in want]
+    for g, w in zip(got, want):
+        assert g["epoch"] == w["epoch"] and g["label"] == w["label"]
+        assert torch.equal(g["image"], w["image"]), g["key"]
+
+
+def _save(loaders):
+    state = merge_states(loaders[0]._base, [lo.local_delta() for lo in loaders])
+    return json.loads(json.dumps(state))  # as the Trainer's checkpoint holds it
+
+
+def _first(url, world, workers, n, state=None, **kw):
+    """Every rank's first ``n`` batches, and the loaders (to save their state)."""
+    loaders = _loaders(url, world, workers, state, **kw)
+    return loaders, [_batches(lo, n) for lo in loaders]
+
+
+def _exact_resume(url, world, workers, n, m, state=None, **kw):
+    """Each rank's batches n+1..n+m of a run, and its m batches after a save at batch n and a
+    resume on the same layout; and the saved state."""
+    full = [_batches(lo, n + m)[n:] for lo in _loaders(url, world, workers, state, **kw)]
+    saved = _save(_first(url, world, workers, n, state, **kw)[0])
+    assert len(saved["exact"]["slots"]) == world * max(1, workers)
+    resumed = [_batches(lo, m) for lo in _loaders(url, world, workers, saved, **kw)]
+    return full, resumed, saved
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("world,workers,n,m,mixture", [
+    (1, 0, 7, 6, False),   # 44 samples: batch 9 crosses into epoch 1
+    (1, 2, 5, 8, True),    # 5 batches from 2 workers: worker 1 serves the next
+    (1, 2, 1, 9, False),   # worker 1 had delivered nothing: it starts as it would have
+    (2, 1, 3, 5, True),
+    (1, 3, 5, 5, False),
+])
+def test_resume_on_the_same_layout_gives_the_same_batches(wide, world, workers, n, m, mixture):
+    url = f"{wide[0]}::0.6,{wide[1]}::0.4" if mixture else wide[0]
+    full, resumed, _ = _exact_resume(url, world, workers, n, m)
+    for want, got in zip(full, resumed):
+        _assert_same(got, want)
+    assert any(e >= 1 for rank in full for b in rank for e in b["epoch"]), "no epoch boundary"
+
+
+def test_exact_resume_after_a_resume_on_another_layout(wide):
+    """A deal made from a state with progress travels in the records (their plan), so the next
+    resume on that layout is exact too; and so is a resume of a resume."""
+    url, kw = wide[0], {"interleave": 1, "shuffle_buffer": 4}   # the deal lasts a while
+    start = _save(_first(url, 1, 0, 4, **kw)[0])
+    assert start["sources"][0]["epochs"]["0"]["done"] != "AA=="  # the deal is not a fresh one
+    full, resumed, saved = _exact_resume(url, 2, 1, 1, 6, state=start, **kw)
+    for want, got in zip(full, resumed):
+        _assert_same(got, want)
+    assert any(rec["sources"][0]["plan"].get("0") for rec in saved["exact"]["slots"].values())
+    full2 = [_batches(lo, 3 + 4)[3:] for lo in _loaders(url, 2, 1, saved, **kw)]
+    again = _save(_first(url, 2, 1, 3, saved, **kw)[0])
+    for want, lo in zip(full2, _loaders(url, 2, 1, again, **kw)):
+        _assert_same(_batches(lo, 4), want)
+
+
+def test_exact_resume_of_a_finite_stream(wide, tmp_path):
+    """Workers that ended before the save stay ended; the others finish in the same order."""
+    lopsided = str(tmp_path / "lopsided")
+    _make_wide(lopsided, [30, 2, 2, 2], "c")   # one worker ends long before the other
+    cases = [(f"{wide[0]}::0.5,{wide[1]}::0.5", 44 + 23, 7), (lopsided, 36, 2), (lopsided, 36, 4)]
+    ended = 0
+    for url, total, n in cases:
+        full, resumed, saved = _exact_resume(url, 1, 2, n, 10**6, max_epochs=1)
+        _assert_same(resumed[0], full[0])
+        keys = [k for b in _first(url, 1, 2, n, max_epochs=1)[1][0] + resumed[0] for k in b["key"]]
+        assert len(keys) == len(set(keys)) == total
+        ended += any(rec["finished"] for rec in saved["exact"]["slots"].values())
+    assert ended
+
+
+def test_iterating_again_continues_in_the_same_order(wide):
+    (loader,) = _loaders(wide[0], 1, 2)
+    a, b = _batches(loader, 3), _batches(loader, 4)
+    _assert_same(a + b, _batches(_loaders(wide[0], 1, 2)[0], 7))
+
+
+def test_other_layout_after_exact_resumes_is_exact_as_a_set(wide):
+    """Records of one layout are not used on another: a re-deal after exact resumes still
+    delivers every sample of the epoch once."""
+    url = wide[0]
+    loaders, got = _first(url, 1, 2, 5)
+    loaders, got2 = _first(url, 1, 2, 4, _save(loaders))    # an exact resume, saved again...
+    state = _save(loaders)
+    assert state["exact"]["layout"]["workers"] == 2
+    rest = []
+    for r in range(3):                                      # ...then 3 ranks x 1 worker: a re-deal
+        lo = image_loader(cfg(url, shuffle_buffer=12, interleave=3), 5, seed=7, rank=r,
+                          world_size=3, num_workers=1, max_epochs=1)
+        lo.load_state_dict(state)
+        rest += _batches(lo)
+    epoch0 = [k for b in got[0] + got2[0] + rest for e, k in zip(b["epoch"], b["key"]) if e == 0]
+    assert len(epoch0) == len(set(epoch0)) == 44
