@@ -39,10 +39,10 @@ class DemoConfig:
     seed: int = 0
     tokenizer_recipe: str = "vit-vqgan-ss-tiny"
     prior_recipe: str = "vim-small-tiny"
-    tokenizer_steps: int = 600
-    prior_steps: int = 500
-    quick_tokenizer_steps: int = 150
-    quick_prior_steps: int = 150
+    tokenizer_steps: int = 1500        # about 2 s per 10 steps on 2 cores: the full demo is under 10 minutes
+    prior_steps: int = 1500
+    quick_tokenizer_steps: int = 300   # --quick (CI): about 2 minutes
+    quick_prior_steps: int = 300
     samples_per_class: int = 8
     guidance_scale: float = 2.0
     temperature: float = 1.0

@@ -251,8 +251,14 @@ class Trainer:
     # -- pieces of a step -----------------------------------------------------------------------
     def _batches(self) -> Iterator[dict]:
         while True:
-            with _no_rng():             # DataLoader draws its base seed from the global RNG
+            # The DataLoader draws its base seed from the global RNG when it starts, i.e. at the
+            # first next() of the (lazy) loader iterator: keep that out of the training RNG.
+            with _no_rng():
                 it = iter(self.loader)
+                first = next(it, None)
+            if first is None:
+                raise RuntimeError(f"the training data {self.cfg.data.url} yielded no batch")
+            yield first
             yield from it
 
     def _train_step(self, batches: Iterator[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -324,6 +330,7 @@ class Trainer:
                                    extra_meta={"trainer": dict(self.counters),
                                                "trainer_model_args": self.derived})
         self.last_checkpoint = url
+        self.logger.flush()              # what a checkpoint covers is also in metrics.jsonl and tb/
         self._status("running")
         return url
 
