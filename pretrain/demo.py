@@ -136,7 +136,7 @@ def run_demo(quick: bool = False, overrides: Sequence[str] = (), data: str | Non
     t = time.time()
     codes, codes_val = storage.join(run, "codes", "train"), storage.join(run, "codes", "holdout")
     for src, dst in ((train_url, codes), (val_url, codes_val)):
-        run_tokenize(tok_dir, src, dst, batch_size=64, device="cpu", progress=progress)
+        run_tokenize(tok_dir, src, dst, batch_size=64, progress=progress)
     timings["tokenize"] = time.time() - t
 
     # 4. prior
