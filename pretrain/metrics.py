@@ -69,6 +69,9 @@ class MetricLogger:
         if storage.is_remote(run_dir):
             fd, self._jsonl_path = tempfile.mkstemp(prefix="vqscale-metrics-", suffix=".jsonl")
             os.close(fd)
+            if storage.exists(self._jsonl_url):     # a resumed run appends, as it does locally
+                with open(self._jsonl_path, "wb") as f:
+                    f.write(storage.read_bytes(self._jsonl_url))
         else:
             self._jsonl_path = storage.local_path(self._jsonl_url)
             os.makedirs(os.path.dirname(os.path.abspath(self._jsonl_path)), exist_ok=True)

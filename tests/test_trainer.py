@@ -316,3 +316,42 @@ if __name__ == "__main__":          # the torchrun job of the 2-process test
     init_distributed(timeout_s=300)
     if sys.argv[1] == "two":
         _two_process_phase(*sys.argv[2:5])
+
+
+# ---- object storage: data and run directory on S3 ---------------------------------------------------
+
+@pytest.mark.s3
+def test_data_and_run_directory_on_s3(s3_bucket, tmp_path):
+    """A real S3 server (SeaweedFS): code shards and the run directory in the bucket; checkpoints,
+    metrics, TensorBoard and status uploaded; a second job resumes from the bucket's `latest`;
+    the run directory resolves to a package in the bucket."""
+    from data_pipeline import storage
+    from model_zoo.package import load_prior_with_tokenizer, save_package
+    from model_zoo.registry import create_model
+    from pretrain.resolve import as_package
+
+    local = make_codes(str(tmp_path / "codes"), shards=2, per_shard=16)
+    data = f"{s3_bucket}/codes"
+    storage.upload_dir(local, data)
+    tok = f"{s3_bucket}/zoo/tok"
+    save_package(create_model("vqgan-f8-tiny"), tok)
+    run = f"{s3_bucket}/runs/prior"
+    env = {**_env(), "VQSCALE_CACHE": str(tmp_path / "cache")}
+    for steps in (4, 6):
+        sets = _prior_sets(data, steps, every=2, workers=1) + ["--set", f"tokenizer={tok}",
+                                                                "--set", "validation.visuals_every=2"]
+        out = subprocess.run(_train_cmd("vim-small-tiny", run, sets), env=env, cwd=_ROOT, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-4000:]
+        summary = json.loads(out.stdout.strip().splitlines()[-1])
+        assert summary["step"] == steps and summary["resumed_from"] == (None if steps == 4 else 4)
+    assert storage.read_text(f"{run}/checkpoints/latest").strip() == "step_00000006"
+    assert json.loads(storage.read_text(f"{run}/status.json"))["state"] == "finished"
+    steps = [json.loads(line)["step"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
+    assert 6 in steps and 1 in steps
+    assert any(n.startswith("events.out.tfevents") for n in storage.listdir(f"{run}/tb"))
+    assert storage.exists(f"{run}/samples/samples_step_00000006.png")
+    url = as_package(run, kind="prior")
+    assert url == f"{run}/checkpoints/step_00000006/package"
+    prior, tokenizer = load_prior_with_tokenizer(url)
+    assert prior.registry_name == "vim-small-tiny" and tokenizer.registry_name == "vqgan-f8-tiny"
