@@ -4,8 +4,8 @@ Owns: :class:`OptimConfig` and :class:`DeepSpeedSettings` (frozen config section
 config JSON they resolve to (:func:`build_ds_config`; ``passthrough`` is deep-merged last so any
 DeepSpeed setting can be given), gradient accumulation derived from the global batch and the world
 size, parameter groups (which tensors get weight decay), the warmup + cosine schedule,
-activation checkpointing applied from outside the model, :func:`build_engine`,
-:func:`consolidated_state_dict` and :class:`EMA`.
+activation checkpointing applied from outside the model, DeepSpeed's hooks seeing inside dataclass
+outputs, :func:`build_engine`, :func:`consolidated_state_dict` and :class:`EMA`.
 
 Weight decay (decided here, the same for every model): only tensors named ``weight`` with two or
 more dimensions (Linear/Conv kernels, equalized-lr layers), never biases, norm scales, embedding
@@ -49,12 +49,45 @@ These are the paths of the pinned DeepSpeed 0.19.8 (``constraints.txt``); older 
 less (ZeRO-3 only for fp16), and ``tests/test_nonfinite.py`` fails if a DeepSpeed change drops one.
 The engine's ``global_steps`` still counts a skipped step (as DeepSpeed does for fp16 overflows).
 
+Dataclass outputs (:func:`_hooks_see_dataclasses`, applied by :func:`build_engine`): tokenizers
+return dataclasses (``TokenizerOutput`` holding a ``QuantizerOutput``, ``Tokens`` and dicts of
+tensors), and DeepSpeed walks a module's outputs with helpers that know tensors, tuples, lists and
+dicts only; anything else passes through untouched. Two walks matter:
+
+* ZeRO-3 (``deepspeed.runtime.zero.utils.apply_to_tensors_only``, imported by name into
+  ``parameter_offload``): the forward hook of every submodule passes each output tensor through an
+  autograd function whose backward re-gathers that submodule's partitioned parameters before its
+  own backward runs. A quantizer returning a ``QuantizerOutput`` got no such tensor, so its
+  codebook was still released (0 elements) when autograd accumulated its gradient: ``RuntimeError:
+  The size of tensor a (0) must match the size of tensor b (8)`` (8: the code dimension) in
+  ``AccumulateGrad`` (ViT-VQGAN, VQGAN), or ``AssertionError: active_backward_submodules is empty
+  during backward pass`` (MQ-VAE: a submodule's post-backward release with no gather before it).
+* Every stage (``OutputBackwardHookManager._traverse_and_register_hooks`` in
+  ``deepspeed.runtime.utils``): ``engine.forward`` hooks the model's output tensors so that the
+  first gradient reaching them runs the engine's backward prologue (``engine.backward`` does not
+  run it itself). With a dataclass output it never ran, so the ZeRO optimizers' gradient hooks read
+  the gradient-accumulation boundary flag of the previous micro-batch (inverted with accumulation
+  2, measured at ZeRO-2 and ZeRO-3; the fp32 results measured happened not to change).
+
+Both walks are extended to dataclass instances (not classes): each field is walked as DeepSpeed
+walks any value, so tensors, containers and nested dataclasses inside it are reached, and where a
+field's value comes back changed the instance is rebuilt as a shallow copy with those fields set
+(``object.__setattr__``: frozen dataclasses too; ``__init__``/``__post_init__`` do not run again;
+dicts are updated in place as DeepSpeed does). Every other value goes to DeepSpeed's own code, so
+models returning tensors or containers behave exactly as before. The patch is applied once per
+process (later calls see the marker and return); if DeepSpeed renames either helper,
+:func:`build_engine` fails instead of training without it. With it, tokenizers train under ZeRO-3
+bitwise like ZeRO-2 in fp32 without gradient clipping (``tests/test_zero3_tokenizer.py``, which
+also says why clipping leaves weights of order ``lr`` apart that have zero true gradient).
+
 Model code is single-device code; this module never imports model_zoo.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -265,6 +298,58 @@ def _skip_cpu_shm_build() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
+def _is_dataclass_instance(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _map_fields(value: Any, fn) -> Any:
+    """``value`` (a dataclass instance) with ``fn`` applied to each field: the same object if no
+    field changed, else a shallow copy with the changed fields set (frozen ones too)."""
+    out = value
+    for f in dataclasses.fields(value):
+        old = getattr(value, f.name)
+        new = fn(old)
+        if new is not old:
+            if out is value:
+                out = copy.copy(value)
+            object.__setattr__(out, f.name, new)
+    return out
+
+
+def _hooks_see_dataclasses() -> None:
+    """Let DeepSpeed's output walks (ZeRO-3 module hooks, the engine's backward-prologue hooks)
+    reach the tensors inside dataclass instances; see the module docstring. Idempotent."""
+    from deepspeed.runtime import utils as ds_utils
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    inner = zero_utils.apply_to_tensors_only
+    if not getattr(inner, "_vqscale_dataclasses", False):
+        def apply_to_tensors_only(function, value, warning_msg_fn=None):
+            if _is_dataclass_instance(value):
+                return _map_fields(value, lambda v: apply_to_tensors_only(function, v, warning_msg_fn))
+            return inner(function, value, warning_msg_fn)
+
+        apply_to_tensors_only._vqscale_dataclasses = True
+        # DeepSpeed's own recursion (tuples, lists, dicts) looks the name up in zero.utils, so a
+        # dataclass inside a container is reached too; parameter_offload imported it by name
+        zero_utils.apply_to_tensors_only = apply_to_tensors_only
+        parameter_offload.apply_to_tensors_only = apply_to_tensors_only
+
+    manager = ds_utils.OutputBackwardHookManager
+    traverse = manager._traverse_and_register_hooks
+    if not getattr(traverse, "_vqscale_dataclasses", False):
+        def _traverse_and_register_hooks(self, outputs, first_tensor_holder):
+            if _is_dataclass_instance(outputs):
+                for f in dataclasses.fields(outputs):
+                    self._traverse_and_register_hooks(getattr(outputs, f.name), first_tensor_holder)
+            else:
+                traverse(self, outputs, first_tensor_holder)
+
+        _traverse_and_register_hooks._vqscale_dataclasses = True
+        manager._traverse_and_register_hooks = _traverse_and_register_hooks
+
+
 def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_settings: DeepSpeedSettings,
                  micro_batch_size: int, global_batch_size: int, param_groups: list[dict] | None = None,
                  name: str = "model"):
@@ -287,6 +372,7 @@ def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_settings: DeepSpee
     if not dist.is_initialized():
         init_distributed()
     _skip_cpu_shm_build()
+    _hooks_see_dataclasses()
     world = dist.get_world_size()
     if ds_settings.activation_checkpointing:
         apply_activation_checkpointing(model)

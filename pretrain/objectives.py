@@ -15,9 +15,10 @@ gradient accumulation 2: calling ``engine.module.loss`` directly leaves the ZeRO
 plain-torch reference, the forward route matches it to 1e-8; ZeRO-2 is exact both ways), and DDP
 needs it too. ``set_step`` and ``generate`` are called on the unwrapped model (sampling under
 ZeRO-3 gathers the parameters first). Metrics are detached 0-dim tensors (no host sync per step).
-Tokenizers return dataclasses (``TokenizerOutput``/``QuantizerOutput``) whose tensors ZeRO-3's
-module hooks cannot see, so a ZeRO-3 tokenizer engine fails in backward (measured); stage 1 runs
-ZeRO <= 2 (exact against plain torch), priors any stage.
+Tokenizers return dataclasses (``TokenizerOutput``/``QuantizerOutput``); DeepSpeed's hooks only
+walk tensors, tuples, lists and dicts, so :func:`pretrain.engine.build_engine` teaches them
+dataclasses (without it a ZeRO-3 tokenizer fails in backward). Both stages run at any ZeRO stage;
+tokenizers at ZeRO-3 match ZeRO-2 bit for bit in fp32 (tests/test_zero3_tokenizer.py).
 
 :class:`TokenizerObjective` (stage 1) adds, each with its weight from :class:`TokenizerLossConfig`:
 

@@ -102,7 +102,6 @@ def test_every_trainable_preset_has_a_recipe_and_a_tiny_twin():
             assert tiny.model == get_recipe(name).model + "-tiny" and tiny.steps <= 500
     vit = get_recipe("vit-vqgan-ss")
     assert (vit.global_batch_size, vit.optim.betas, vit.optim.lr) == (256, (0.9, 0.99), 1e-4)
-    assert vit.deepspeed.zero_stage <= 2     # tokenizers return dataclasses: ZeRO-3 cannot hook them
     vim = get_recipe("vim-large")
     assert (vim.global_batch_size, vim.optim.betas, vim.deepspeed.zero_stage) == (1024, (0.9, 0.96), 3)
 
@@ -173,10 +172,16 @@ def _two_process_phase(images: str, codes: str, out: str) -> None:
         "validation.every=3", "validation.batches=1", "log.every=1", "log.record_keys=true", "log.progress=false",
         "model_args.grid_size=[8,8]", "model_args.num_classes=20"])
     res_prior = Trainer(prior).fit()
+    # and the other way round: the tokenizer at ZeRO-3, the prior at ZeRO-2 (2 steps each)
+    tok3 = apply_overrides(tok, [f"run_dir={out}/tok3", "deepspeed.zero_stage=3", "steps=2",
+                                 "deepspeed.param_persistence_threshold=0"])
+    prior2 = apply_overrides(prior, [f"run_dir={out}/prior2", "deepspeed.zero_stage=2", "steps=2"])
+    res_tok3, res_prior2 = Trainer(tok3).fit(), Trainer(prior2).fit()
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        json.dump({"tok": res_tok.state, "prior": res_prior.state, "world": dist.get_world_size()},
+        json.dump({"tok": res_tok.state, "prior": res_prior.state, "tok3": res_tok3.state,
+                   "prior2": res_prior2.state, "world": dist.get_world_size()},
                   open(os.path.join(out, "two.json"), "w"))
 
 
@@ -205,7 +210,11 @@ def test_two_processes_zero2_tokenizer_zero3_prior_then_one_process(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     res = json.load(open(os.path.join(out, "two.json")))
-    assert res == {"tok": "finished", "prior": "finished", "world": 2}
+    assert res == {"tok": "finished", "prior": "finished", "tok3": "finished", "prior2": "finished", "world": 2}
+    for sub in ("tok3", "prior2"):
+        meta = json.load(open(os.path.join(out, sub, "checkpoints", "step_00000002", "meta.json")))
+        assert meta["engines"]["model"]["zero_stage"] == (3 if sub == "tok3" else 2)
+        assert all(np.isfinite(v) for v in _losses(os.path.join(out, sub)).values())
     for sub, steps in (("tok", 4), ("prior", 6)):
         meta = json.load(open(os.path.join(out, sub, "checkpoints", f"step_{steps:08d}", "meta.json")))
         assert meta["world_size"] == 2 and meta["step"] == steps
