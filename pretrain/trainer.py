@@ -380,7 +380,6 @@ class Trainer:
             while self.step < cfg.steps:
                 if cfg.log.profile_steps > 0 and self.step == cfg.log.profile_start and prof is None:
                     prof = self._start_profiler()
-                t0 = time.perf_counter()
                 metrics, info = self._train_step(batches)
                 self.step += 1
                 if prof is not None:

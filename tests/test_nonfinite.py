@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -30,6 +29,7 @@ if _ROOT not in sys.path:      # when run as a script by torch.distributed.run
     sys.path.insert(0, _ROOT)
 
 from pretrain import distributed as pd  # noqa: E402
+from tests.launch import torchrun  # noqa: E402
 from pretrain import engine as pe  # noqa: E402
 
 MICRO, GLOBAL = 4, 16            # 2 ranks x 2 micro-batches (gradient accumulation 2)
@@ -104,10 +104,6 @@ PHASES = {"job": _phase_job}
 
 
 # ---- launching ------------------------------------------------------------------------------------
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-
 
 def _finite(sd: dict) -> bool:
     return all(torch.isfinite(v.float()).all() for v in sd.values())
@@ -126,9 +122,7 @@ def _close(a: dict, b: dict, what: str, atol: float) -> None:
 @pytest.mark.multiprocess
 def test_nonfinite_step_is_skipped_on_every_stage(tmp_path):
     out = str(tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=127.0.0.1:0", os.path.abspath(__file__), "job", out]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=_ROOT)
+    proc = torchrun(__file__, "job", out)
     assert proc.returncode == 0, f"job failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     ranks = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
     i_bad = STEPS.index(BAD) + 1                   # index in the records (0: before training)

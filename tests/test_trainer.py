@@ -20,6 +20,7 @@ if _ROOT not in sys.path:      # when run as a script by torch.distributed.run
     sys.path.insert(0, _ROOT)
 
 from data_pipeline.codes import CodeShardWriter, write_code_manifest  # noqa: E402
+from tests.launch import job_env, torchrun  # noqa: E402
 
 GRID, CODEBOOK, CLASSES = (4, 4), 64, 10
 
@@ -43,9 +44,7 @@ def make_codes(root: str, shards: int = 4, per_shard: int = 40, seed: int = 0) -
     return root
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+_env = job_env
 
 
 def _prior_sets(data: str, steps: int, every: int = 4, workers: int = 1) -> list[str]:
@@ -204,10 +203,7 @@ def test_two_processes_zero2_tokenizer_zero3_prior_then_one_process(tmp_path):
 
     save_package(create_model("vit-vqgan-ss-tiny"), str(tmp_path / "tok0"))
     run_tokenize(str(tmp_path / "tok0"), images, codes, progress=False, device="cpu")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", os.path.abspath(__file__),
-                           "two", images, codes, out], env=_env(), cwd=_ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = torchrun(__file__, "two", images, codes, out, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     res = json.load(open(os.path.join(out, "two.json")))
     assert res == {"tok": "finished", "prior": "finished", "tok3": "finished", "prior2": "finished", "world": 2}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
 import time
 
@@ -39,6 +38,7 @@ if _ROOT not in sys.path:      # when run as a script by torch.distributed.run
     sys.path.insert(0, _ROOT)
 
 from pretrain import distributed as pd  # noqa: E402
+from tests.launch import torchrun  # noqa: E402
 from pretrain import engine as pe  # noqa: E402
 
 MODELS = ("vit-vqgan-ss-tiny", "vqgan-f8-tiny", "mq-vae-f8-tiny")
@@ -88,17 +88,11 @@ def _phase_job(out: str) -> None:
 PHASES = {"job": _phase_job}
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-
 
 @pytest.mark.multiprocess
 def test_tokenizers_train_the_same_under_zero3_and_zero2(tmp_path):
     out = str(tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=127.0.0.1:0", os.path.abspath(__file__), "job", out]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=_ROOT)
+    proc = torchrun(__file__, "job", out)
     assert proc.returncode == 0, f"job failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert "cannot be detected" not in proc.stdout + proc.stderr     # DeepSpeed's unknown-output warning
     ranks = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
