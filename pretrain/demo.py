@@ -104,6 +104,10 @@ def run_demo(quick: bool = False, overrides: Sequence[str] = (), data: str | Non
 
     own, tok_sets, prior_sets = _split(overrides)
     cfg = apply_overrides(DemoConfig(), own)
+    from .recipes import get_recipe
+
+    for recipe, sets in ((cfg.tokenizer_recipe, tok_sets), (cfg.prior_recipe, prior_sets)):
+        apply_overrides(get_recipe(recipe), sets)     # a bad key fails now, not after stage 1
     if data:
         cfg = dataclasses.replace(cfg, data=data)
     run = cfg.run_dir

@@ -128,7 +128,7 @@ def as_package(path: str, kind: str | None = None) -> str:
         if multi:
             dist.barrier()
     if kind is not None:
-        found = read_config(url)["kind"]
-        if found != kind:
-            raise ResolveError(f"{path} holds a {found}, not a {kind}")
+        meta = read_config(url)
+        if meta["kind"] != kind:
+            raise ResolveError(f"{path} is a {meta['kind']} package ({meta['name']}), not a {kind}")
     return url

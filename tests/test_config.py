@@ -93,7 +93,8 @@ def test_recipes_and_data_config():
 
 
 def test_cli_reports_a_bad_override_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "demo", "--set", "data.resolutoin=3"],
+    proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", "--recipe", "vit-vqgan-ss-tiny",
+                           "--set", "data.resolutoin=3"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (

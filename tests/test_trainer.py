@@ -25,22 +25,26 @@ from tests.launch import job_env, torchrun  # noqa: E402
 GRID, CODEBOOK, CLASSES = (4, 4), 64, 10
 
 
-def make_codes(root: str, shards: int = 4, per_shard: int = 40, seed: int = 0) -> str:
-    """Code shards a tiny VIM can learn something from: each class has its own token pattern."""
+def make_codes(root: str, shards: int = 4, per_shard: int = 40, seed: int = 0, grid=GRID,
+               kept: int | None = None) -> str:
+    """Code shards a tiny VIM can learn something from: each class has its own token pattern (and
+    caption). ``kept``: masked-tokenizer codes (MQ-VAE style): that many sorted positions per sample."""
     rng = np.random.default_rng(seed)
     entries, n = [], 0
-    patterns = rng.integers(0, CODEBOOK, size=(CLASSES, GRID[0] * GRID[1]))
+    ntok = kept or grid[0] * grid[1]
+    patterns = rng.integers(0, CODEBOOK, size=(CLASSES, ntok))
     for s in range(shards):
-        w = CodeShardWriter(root, f"codes-{s:06d}.tar", codebook_size=CODEBOOK, grid_size=GRID)
+        w = CodeShardWriter(root, f"codes-{s:06d}.tar", codebook_size=CODEBOOK, grid_size=grid)
         for _ in range(per_shard):
             label = int(rng.integers(CLASSES))
             codes = patterns[label].copy()
             flip = rng.random(codes.shape) < 0.2
             codes[flip] = rng.integers(0, CODEBOOK, size=int(flip.sum()))
-            w.write(f"{n:08d}", codes.astype(np.int32), label=label)
+            pos = None if kept is None else np.sort(rng.choice(grid[0] * grid[1], kept, replace=False))
+            w.write(f"{n:08d}", codes.astype(np.int32), positions=pos, label=label, caption=f"pattern {label}")
             n += 1
         entries.append(w.close())
-    write_code_manifest(root, entries, "synthetic", "0" * 64, GRID, CODEBOOK, GRID[0] * GRID[1])
+    write_code_manifest(root, entries, "synthetic", "0" * 64, grid, CODEBOOK, ntok)
     return root
 
 
@@ -112,6 +116,42 @@ def test_flops_per_sample_counts_forward_times_three():
 
     lin = torch.nn.Linear(10, 20)
     assert flops_per_sample(lin, torch.randn(4, 10)) == 3 * 2 * 10 * 20
+
+
+def _every_tiny_recipe_phase(out: str) -> None:
+    """Two steps of every -tiny recipe in one process (the registry drives the list)."""
+    from data_pipeline.demo import build_demo
+    from pretrain.config import apply_overrides
+    from pretrain.recipes import get_recipe, list_recipes
+    from pretrain.trainer import Trainer
+
+    images = os.path.join(out, "images")
+    build_demo(images, quick=True, progress=False, shard_samples=100)
+    plain, masked = make_codes(os.path.join(out, "codes")), make_codes(os.path.join(out, "masked"), grid=(8, 8), kept=16)
+    results = {}
+    for name in [r for r in list_recipes() if r.endswith("-tiny")]:
+        cfg = get_recipe(name)
+        data = images if cfg.stage == "tokenizer" else masked if name.startswith("stackformer") else plain
+        cfg = apply_overrides(cfg, [f"run_dir={out}/{name}", f"data.url={data}", "steps=2", "global_batch_size=4",
+                                    "data.num_workers=0", "validation.visuals_every=0", "log.every=1",
+                                    "log.progress=false", "checkpoint.every=2"])
+        res = Trainer(cfg).fit()
+        results[name] = {"state": res.state, "step": res.step, "loss": res.metrics.get("loss")}
+    json.dump(results, open(os.path.join(out, "tiny.json"), "w"))
+
+
+@pytest.mark.multiprocess
+def test_every_tiny_recipe_trains(tmp_path):
+    from pretrain.recipes import list_recipes
+
+    out = str(tmp_path)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "tiny", out], env=_env(), cwd=_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    res = json.load(open(os.path.join(out, "tiny.json")))
+    assert sorted(res) == [r for r in list_recipes() if r.endswith("-tiny")]
+    for name, r in res.items():
+        assert r["state"] == "finished" and r["step"] == 2 and np.isfinite(r["loss"]), (name, r)
 
 
 # ---- kill -9 and resume: bit-identical losses, the same samples --------------------------------------
@@ -307,7 +347,7 @@ def test_run_directory_and_step_folder_resolve_to_packages(tmp_path):
         assert torch.equal(model.state_dict()[k].float(), v), k
     step2 = os.path.join(run, "checkpoints", "step_00000002")
     assert as_package(step2) == os.path.join(step2, "package")
-    with pytest.raises(ResolveError, match="holds a prior, not a tokenizer"):
+    with pytest.raises(ResolveError, match=r"is a prior package \(vim-small-tiny\), not a tokenizer"):
         as_package(run, kind="tokenizer")
     with pytest.raises(ResolveError, match="not a model-zoo package"):
         as_package(str(tmp_path))
@@ -321,6 +361,8 @@ if __name__ == "__main__":          # the torchrun job of the 2-process test
     init_distributed(timeout_s=300)
     if sys.argv[1] == "two":
         _two_process_phase(*sys.argv[2:5])
+    elif sys.argv[1] == "tiny":
+        _every_tiny_recipe_phase(sys.argv[2])
 
 
 # ---- object storage: data and run directory on S3 ---------------------------------------------------
