@@ -1,0 +1,145 @@
+"""The seeds' claims, checked at small scale on the demo data (issue 7).
+
+Every variant trains with the same budget (steps, batch, lr, seed) through the real Trainer, then
+is measured on the held-out split with the trained tokenizer (EMA weights, via the resolver):
+
+* codebook usage (distinct codes used over the whole held-out split / codebook size), the
+  perplexity of the code histogram, and dead codes;
+* reconstruction MSE and PSNR, and tokens per image.
+
+Variants (``--variants``, default all): on the CNN VQGAN f8 backbone at 64 px (8x8 tokens, 64 codes)
+
+* ``vq-plain``: taming's VQ (unfactorized, un-normalized codes, codebook loss), no dead-code restart;
+* ``vq-restart``: the same with dead-code restarts (what vqscale does by default);
+* ``vq-factorized-l2``: ViT-VQGAN's factorized 8-d l2-normalized codes (no restart);
+* ``regvq``: Regularized VQ's prior KL (weight 1) and 40% stochastic mask (no restart; the
+  probabilistic contrastive term needs pretrained LPIPS weights, not available offline: left out);
+
+and MQ-VAE f8 at 64 px with keep ratio 1.0, 0.5, 0.25 (``mqvae-1.0`` ...). ``--adversarial`` adds
+each variant again with the adversarial term on (needs the GAN trainer: ``discriminator.model``).
+
+    python benchmarks/bench_claims.py --steps 600 --out benchmarks/results/claims.json
+
+Prints a table and writes JSON; benchmarks/RESULTS.md records what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+NO_RESTART = {"restart_dead": False}
+VARIANTS = {
+    "vq-plain": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART}}, {}),
+    "vq-restart": ("vqgan-f8-tiny", {"quantizer": {"restart_dead": True}}, {}),
+    "vq-factorized-l2": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "factorized": True, "l2_normalize": True,
+                                                         "dim": 8}}, {}),
+    "regvq": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "prior_kl": True, "stochastic_mask_ratio": 0.4}},
+              {"tokenizer_loss.prior_kl": 1.0}),
+    "mqvae-1.0": ("mq-vae-f8-tiny", {"keep_ratio": 1.0}, {}),
+    "mqvae-0.5": ("mq-vae-f8-tiny", {"keep_ratio": 0.5}, {}),
+    "mqvae-0.25": ("mq-vae-f8-tiny", {"keep_ratio": 0.25}, {}),
+}
+
+
+def _train(name: str, model: str, model_args: dict, sets: dict, args, data: str, val: str, adversarial: bool):
+    from pretrain.config import apply_overrides
+    from pretrain.recipes import get_recipe
+    from pretrain.trainer import Trainer
+
+    cfg = get_recipe(model)
+    overrides = [f"run_dir={args.work}/{name}{'-adv' if adversarial else ''}", f"data.url={data}",
+                 f"validation.url={val}", f"steps={args.steps}", f"global_batch_size={args.batch}",
+                 f"optim.lr={args.lr}", f"optim.total_steps={args.steps}", f"optim.warmup_steps={args.steps // 10}",
+                 "data.resolution=64", "validation.every=0", "validation.visuals_every=0",
+                 f"checkpoint.every={args.steps}", "log.every=50", "log.progress=false", f"seed={args.seed}",
+                 "tokenizer_loss.perceptual=0.0", "tokenizer_loss.contrastive=0.0"]
+    margs = {**model_args, **({"resolution": 64} if model.startswith("vqgan") else {})}
+    overrides += [f"model_args.{k}={json.dumps(v)}" for k, v in margs.items()]
+    overrides += [f"{k}={v}" for k, v in sets.items()]
+    if adversarial:
+        overrides += ["discriminator.model=patchgan-tiny", f"discriminator.start_step={args.steps // 5}"]
+    elif "discriminator" in cfg.__dataclass_fields__:
+        overrides += ["discriminator.model="]
+    cfg = apply_overrides(cfg, overrides)
+    t0 = time.time()
+    res = Trainer(cfg, progress=False).fit()
+    return cfg.run_dir, time.time() - t0, res
+
+
+def _evaluate(run_dir: str, val: str, batch: int = 64) -> dict:
+    import torch
+
+    from data_pipeline.config import DataConfig
+    from data_pipeline.images import image_loader
+    from model_zoo.package import load_package
+    from pretrain.resolve import as_package
+
+    tok = load_package(as_package(run_dir, kind="tokenizer")).eval()
+    loader = image_loader(DataConfig(url=val, resolution=tok.image_size, crop="center", num_workers=0),
+                          batch, max_epochs=1, world_size=1, rank=0)
+    hist = torch.zeros(tok.codebook_size, dtype=torch.float64)
+    se, n, tokens = 0.0, 0, 0
+    with torch.no_grad():
+        for b in loader:
+            x = b["image"]
+            t = tok.encode(x)
+            hist += torch.bincount(t.codes.flatten(), minlength=tok.codebook_size).double()
+            recon = tok.decode(t.codes, t.positions).clamp(-1, 1)
+            se += ((recon - x) ** 2).mean(dim=(1, 2, 3)).sum().item()
+            n += len(x)
+            tokens = t.codes.shape[1]
+    p = hist / hist.sum()
+    mse = se / n
+    return {"images": n, "tokens_per_image": tokens, "codebook_size": tok.codebook_size,
+            "codes_used": int((hist > 0).sum()), "usage": float((hist > 0).float().mean()),
+            "perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())),
+            "mse": mse, "psnr": 10 * math.log10(4.0 / mse)}   # images span [-1, 1]: peak-to-peak 2
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--adversarial", action="store_true", help="also train each variant with the GAN term")
+    ap.add_argument("--work", default="runs/claims", help="run directories and the demo data go here")
+    ap.add_argument("--out", default="benchmarks/results/claims.json")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from data_pipeline import storage
+    from data_pipeline.demo import build_demo
+
+    data, val = os.path.join(args.work, "data"), os.path.join(args.work, "data-holdout")
+    if not storage.exists(os.path.join(val, "manifest.json")):
+        build_demo(data, holdout=val, progress=False)
+    rows = []
+    for name in args.variants.split(","):
+        model, model_args, sets = VARIANTS[name]
+        for adv in ([False, True] if args.adversarial else [False]):
+            run_dir, secs, res = _train(name, model, model_args, sets, args, data, val, adv)
+            row = {"variant": name, "adversarial": adv, "model": model, "train_s": round(secs, 1),
+                   "final_train_loss": res.metrics.get("loss"), **_evaluate(run_dir, val)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'variant':<18}{'adv':>4}{'tokens':>7}{'used':>7}{'usage':>7}{'perplex':>9}{'PSNR':>7}{'train s':>9}")
+    for r in rows:
+        print(f"{r['variant']:<18}{'yes' if r['adversarial'] else 'no':>4}{r['tokens_per_image']:>7}{r['codes_used']:>7}"
+              f"{r['usage']:>7.2f}{r['perplexity']:>9.1f}{r['psnr']:>7.2f}{r['train_s']:>9.1f}")
+    storage.write_json(args.out, {"args": vars(args), "rows": rows})
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
