@@ -41,12 +41,13 @@ tokenizers at ZeRO-3 match ZeRO-2 bit for bit in fp32 (tests/test_zero3_tokenize
   total = l1 L1 + l2 L2 + logit_laplace NLL + perceptual LPIPS + quantizer quant.loss
           + prior_kl KL + contrastive PCL   [+ adversarial term: see below]
 
-Adversarial hook (the GAN game is the next issue): :meth:`TokenizerObjective.adversarial_term`
-gets the reconstruction loss ``nll`` (the weighted pixel + perceptual terms, with graph) and
-returns None. A GAN objective sets ``models = ("generator", "discriminator")``, overrides it to
-return ``cfg.adversarial * losses.adaptive_weight(nll, g, last_layer) * g`` with
-``g = losses.g_loss(D(recon))``, and adds a discriminator loss for the second engine. Passing a
-"discriminator" to this objective raises instead of silently training without one.
+Adversarial hook: :meth:`TokenizerObjective.adversarial_term` gets the reconstruction loss
+``nll`` (the weighted pixel + perceptual terms, with graph) and returns None here. The GAN
+objective (:class:`pretrain.gan.GANTokenizerObjective`, ``models = ("generator",
+"discriminator")``) overrides it to return ``cfg.adversarial * adaptive_weight * g`` with
+``g = losses.g_loss(D(recon))`` (D with detached weights, the adaptive weight computed so that
+it works under ZeRO; see that module), and adds the discriminator's loss for the second engine.
+Passing a "discriminator" to this objective raises instead of silently training without one.
 
 :class:`PriorObjective` (stage 2): next-token cross-entropy on the teacher-forced logits of the
 prior's ``forward`` (so it runs through the engine), the same terms as each prior's ``loss``
@@ -151,7 +152,7 @@ class TokenizerLossConfig:
     contrastive: float = 0.0                 # Regularized VQ probabilistic contrastive loss
     contrastive_patches: int = 256           # PatchNCE positions per layer (CUT's default)
     contrastive_tau: float = 0.07            # PatchNCE temperature (CUT's default)
-    adversarial: float = 0.1                 # used by the GAN objective (next issue), not here
+    adversarial: float = 0.1                 # used by the GAN objective (pretrain/gan.py), not here
     collapse_warning_usage: float = 0.05     # warn below this fraction of the codes the batch could use
     num_visuals: int = 8
 

@@ -13,6 +13,8 @@ they were not re-checked against the PDFs in this offline workplace:
   linear warmup, cosine decay, 500k steps, L2 1.0 + perceptual 0.1 + logit-Laplace 0.1.
 * VQGAN / MQ-VAE / Regularized VQ (taming-transformers' training configs): Adam(0.5, 0.9), base
   lr 4.5e-6 scaled by the batch size, no decay, L1 + LPIPS.
+* Discriminators (StyleGAN2 for ViT-VQGAN, PatchGAN for the taming family): see
+  :func:`_discriminator` for the settings and where they come from.
 * VIM (sec. 4.2): batch 1024, Adam(0.9, 0.96), peak lr 4.5e-4 after 5k warmup steps, cosine decay,
   450k steps, class dropout 0.1 for classifier-free guidance.
 * Stackformer (MQ-VAE's stage 2) and the text prior: GPT-style AdamW(0.9, 0.95), weight decay
@@ -31,7 +33,7 @@ from .engine import DeepSpeedSettings, OptimConfig
 from .objectives import PriorLossConfig, TokenizerLossConfig
 
 __all__ = ["RunConfig", "ValidationConfig", "CheckpointConfig", "EMAConfig", "GuardConfig", "LogConfig",
-           "register_recipe", "list_recipes", "get_recipe"]
+           "DiscriminatorConfig", "register_recipe", "list_recipes", "get_recipe"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,33 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class DiscriminatorConfig:
+    """The adversarial game of a tokenizer run (:mod:`pretrain.gan`). ``model`` is a registry
+    discriminator (``""`` = no GAN: a single-engine run); it gets its own optimizer and LR schedule
+    (``optim``) and its own DeepSpeed engine (``deepspeed``; the supported generator/discriminator
+    ZeRO stages are in pretrain/gan.py). The adversarial weight stays ``tokenizer_loss.adversarial``.
+
+    ``start_step``: the first step (0-based) with the GAN term and discriminator updates (taming's
+    ``disc_start``); ``loss``: hinge or non-saturating; ``adaptive_weight``: taming's adaptive
+    weight on the decoder's last layer (False: 1); ``lecam_weight``/``lecam_decay``: LeCam
+    regularization (Tseng et al. 2021) and the decay of its EMAs of the mean logits; ``r1_weight``
+    (gamma) / ``r1_every``: lazy R1 on the reals, ``gamma / 2 * r1_every * R1`` every ``r1_every``
+    discriminator steps (StyleGAN2)."""
+
+    model: str = ""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=lambda: DeepSpeedSettings(zero_stage=2))
+    start_step: int = 0
+    loss: Literal["hinge", "non_saturating"] = "hinge"
+    adaptive_weight: bool = True
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.99
+    r1_weight: float = 0.0
+    r1_every: int = 16
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The resolved configuration of a run; written to ``RUN_DIR/config.json`` and every checkpoint."""
 
@@ -97,6 +126,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     tokenizer_loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)   # tokenizers: GAN
     prior_loss: PriorLossConfig = field(default_factory=PriorLossConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -175,13 +205,44 @@ def _tiny_optim(base: OptimConfig, steps: int, lr: float) -> OptimConfig:
     return replace(base, lr=lr, warmup_steps=max(1, steps // 10), total_steps=steps)
 
 
+# The papers' discriminators (pretrain/gan.py trains them):
+# * ViT-VQGAN (Yu et al. 2021, sec. 3.3): StyleGAN2's discriminator, adversarial weight 0.1, the
+#   same Adam(0.9, 0.99) schedule as the generator. The paper gives no start step and no loss
+#   details: StyleGAN2's non-saturating loss with lazy R1 (gamma 10 every 16 steps, as StyleGAN2
+#   and the enhancing-transformers ViT-VQGAN reimplementation), discriminator on from step 0.
+# * VQGAN / Regularized VQ / MQ-VAE (taming-transformers' VQLPIPSWithDiscriminator): PatchGAN
+#   (3 layers, ndf 64, BatchNorm), hinge loss, adaptive weight, the generator's optimizer
+#   (Adam(0.5, 0.9), same lr), disc_start 250001 from taming's configs/imagenet_vqgan.yaml (the
+#   ImageNet f16 model). MQ-VAE and Regularized VQ reuse taming's loss module; their own start
+#   steps were not available offline, so taming's is used.
+# The -tiny twins use the -tiny discriminators, switched on after 20% of their steps.
+_TAMING_DISC_START = 250_001
+
+
+def _discriminator(name: str, tiny: bool, optim: OptimConfig, steps: int, res: int) -> DiscriminatorConfig:
+    vit = name.startswith("vit-vqgan")
+    model = ("stylegan2-disc" if vit else "patchgan") + ("-tiny" if tiny else "")
+    args: dict[str, Any] = {}
+    if vit and res != (32 if tiny else 256):
+        args["resolution"] = res
+    cfg = DiscriminatorConfig(model=model, model_args=args, optim=optim, deepspeed=DeepSpeedSettings(zero_stage=2),
+                              start_step=0 if vit else _TAMING_DISC_START,
+                              loss="non_saturating" if vit else "hinge",
+                              r1_weight=10.0 if vit else 0.0, r1_every=16)
+    if tiny:
+        start = steps // 5
+        cfg = replace(cfg, start_step=start, optim=replace(optim, total_steps=steps - start))
+    return cfg
+
+
 def _tokenizer_recipe(name: str, tiny: bool) -> RunConfig:
     optim, batch, steps, res = _TOKENIZERS[name]
     loss = TokenizerLossConfig.for_tokenizer(name)
     cfg = RunConfig(name=name + ("-tiny" if tiny else ""), stage="tokenizer", model=name + ("-tiny" if tiny else ""),
                     global_batch_size=batch, steps=steps, optim=optim, tokenizer_loss=loss,
                     data=DataConfig(resolution=res), ema=EMAConfig(decay=0.999),
-                    deepspeed=DeepSpeedSettings(zero_stage=2))
+                    deepspeed=DeepSpeedSettings(zero_stage=2),
+                    discriminator=_discriminator(name, False, optim, steps, res))
     if not tiny:
         return cfg
     from model_zoo.registry import create_model
@@ -189,14 +250,15 @@ def _tokenizer_recipe(name: str, tiny: bool) -> RunConfig:
     with _meta_device():
         res = int(create_model(cfg.model).image_size)
     steps = 200
+    optim = _tiny_optim(optim, steps, 1e-3)
     # LPIPS needs VGG weights that exist only online: the CPU twins train without the perceptual
     # term (the full recipes load the weights from the cache, or fail naming where they looked).
-    return replace(cfg, global_batch_size=16, steps=steps, optim=_tiny_optim(optim, steps, 1e-3),
+    return replace(cfg, global_batch_size=16, steps=steps, optim=optim,
                    tokenizer_loss=replace(loss, perceptual=0.0, contrastive=0.0, num_visuals=8),
                    data=DataConfig(resolution=res, num_workers=1, shuffle_buffer=64, interleave=2),
                    validation=ValidationConfig(every=50, batches=2, visuals_every=100),
                    checkpoint=CheckpointConfig(every=50, keep_last=2), ema=EMAConfig(decay=0.99),
-                   deepspeed=_TINY_DS, log=_TINY_LOG)
+                   deepspeed=_TINY_DS, log=_TINY_LOG, discriminator=_discriminator(name, True, optim, steps, res))
 
 
 def _prior_recipe(name: str, tiny: bool) -> RunConfig:

@@ -2,12 +2,14 @@
 URL), a run directory (its latest checkpoint) or a step folder all become a zoo package URL.
 
 A step folder is exported once into ``STEP/package/`` (a regular zoo package: EMA weights when the
-run kept an EMA, else the live weights; a prior's package carries its tokenizer's package, found
-through the run's ``tokenizer`` setting). Step folders are immutable once ``latest`` has named them,
-so the export is a cache: it is reused while its checksums file exists, and goes away with the step
-folder when the run prunes it. Loading then goes through :func:`model_zoo.package.load_package`, so
-every entry point checks the same checksums and records the same identity (the sha256 of
-``checksums.sha256``, which the tokenize job writes into its code manifest).
+run kept an EMA, else the live weights, of the ``model`` engine, or of the ``generator`` engine of
+a GAN run (the tokenizer; the discriminator is not exported); a prior's package carries its
+tokenizer's package, found through the run's ``tokenizer`` setting). Step folders are immutable
+once ``latest`` has named them, so the export is a cache: it is reused while its checksums file
+exists, and goes away with the step folder when the run prunes it. Loading then goes through
+:func:`model_zoo.package.load_package`, so every entry point checks the same checksums and records
+the same identity (the sha256 of ``checksums.sha256``, which the tokenize job writes into its code
+manifest).
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ def ema_state_dict(folder: str) -> dict[str, torch.Tensor]:
 def _load_step_weights(local: str, prefer_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
     from .checkpoint import load_consolidated
 
-    sd = load_consolidated(local, "model")
-    ema_dir = os.path.join(local, "ema", "model")
+    # A GAN run's tokenizer is its "generator" engine (the discriminator is not exported).
+    engine = "generator" if os.path.isdir(os.path.join(local, "generator")) else "model"
+    sd = load_consolidated(local, engine)
+    ema_dir = os.path.join(local, "ema", engine)
     if prefer_ema and os.path.isdir(ema_dir):
         sd.update(ema_state_dict(ema_dir))
         return sd, "ema"

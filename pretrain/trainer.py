@@ -10,6 +10,18 @@ engine.backward(loss); engine.step()``: DeepSpeed accumulates and steps the opti
 boundary. Step numbers count finished optimizer steps (checkpoint ``step_00000100`` holds the state
 after 100 steps).
 
+GAN tokenizer runs (``cfg.discriminator.model`` set; :mod:`pretrain.gan`): two engines,
+"generator" (the tokenizer, with the EMA) and "discriminator", each with its own optimizer,
+schedule and ZeRO stage, both in every checkpoint. Per micro-batch: the generator's loss ->
+its engine's backward/step, then from ``discriminator.start_step`` on the discriminator's loss on
+the same micro-batch's reals and detached reconstructions -> its engine's backward/step. Skips
+are counted per engine (``guard/disc_skipped_steps``; either engine's streak can stop the run).
+A run whose steps all come before the discriminator's start trains one engine, "model", as a
+plain tokenizer run (what the GAN run is until then); extending it loads that "model" into the
+generator, and the discriminator starts as the GAN run's would (its init has its own seed), so
+the continuation equals the GAN run from the start (tested bit for bit). The resolver exports the
+generator.
+
 Exact resume: the checkpoint restores weights, optimizer, schedule, EMA, every rank's RNG and the
 loader state; nothing between two steps draws from the training RNG (validation, visuals and the
 creation of loader iterators run under ``torch.random.fork_rng``). So on the same world size a run
@@ -181,20 +193,39 @@ class Trainer:
         self.model = model_from_config(cfg, derived)
         self.tokenizer = self._visual_tokenizer()
         lcfg = cfg.tokenizer_loss if cfg.stage == "tokenizer" else cfg.prior_loss
-        self.objective = build_objective(cfg.stage, lcfg, tokenizer=self.tokenizer)
+        self.gan = self._wants_gan()
+        modules = {}
+        if self.gan:
+            # two engines: the tokenizer ("generator") and the discriminator (pretrain/gan.py)
+            from .gan import GANTokenizerObjective, build_discriminator, check_supported
+
+            check_supported(cfg.deepspeed.zero_stage, cfg.discriminator)
+            with _no_rng():       # its init never shifts the training RNG (and is the same on every rank)
+                torch.manual_seed(cfg.seed + 1)
+                disc = build_discriminator(cfg.discriminator)
+            check_supported(cfg.deepspeed.zero_stage, cfg.discriminator, disc)
+            self.objective = GANTokenizerObjective(lcfg, cfg.discriminator)
+            self.objective.bind_discriminator(disc)            # before ZeRO-3 partitions it
+            modules = {"generator": self.model, "discriminator": disc}
+        else:
+            self.objective = build_objective(cfg.stage, lcfg, tokenizer=self.tokenizer)
+            modules = {"model": self.model}
         if cfg.stage == "prior" and getattr(getattr(self.model, "cfg", None), "text_encoder", None):
             self.loader.spec = dataclasses.replace(
                 self.loader.spec, collate=CaptionTokenizer.for_prior(self.model).wrap(self.loader.spec.collate))
         self.engines = {}
         for name in self.objective.models:
-            if name != "model":
-                raise NotImplementedError(f"objective needs an engine {name!r}: only 'model' is built here")
-            self.engines[name] = build_engine(self.model, cfg.optim, cfg.deepspeed, self.micro,
-                                              cfg.global_batch_size, name=name)
-        self.engine = self.engines["model"]
+            if name not in modules:
+                raise NotImplementedError(f"objective needs an engine {name!r}: only {sorted(modules)} are built here")
+            optim, ds = ((cfg.discriminator.optim, cfg.discriminator.deepspeed) if name == "discriminator"
+                         else (cfg.optim, cfg.deepspeed))
+            self.engines[name] = build_engine(modules[name], optim, ds, self.micro, cfg.global_batch_size, name=name)
+        self.main = self.objective.models[0]          # the engine of the trained model: "model" or "generator"
+        self.engine = self.engines[self.main]
+        self.disc_engine = self.engines.get("discriminator")
         if cfg.compile:
             self.engine.compile()
-        self.emas = {"model": EMA(self.engine, cfg.ema.decay, cfg.ema.warmup)} if cfg.ema.decay > 0 else {}
+        self.emas = {self.main: EMA(self.engine, cfg.ema.decay, cfg.ema.warmup)} if cfg.ema.decay > 0 else {}
         self.logger = MetricLogger(self.run_dir, rank=self.rank)
         self.val_loader = None
         if cfg.validation.url:
@@ -202,6 +233,47 @@ class Trainer:
             self.val_state = self.val_loader.state_dict()
         self._collapse_warned = -10**9
         self.counters = {"skipped_steps": 0, "consecutive_skips": 0, "nonfinite_losses": 0}
+        if self.gan:
+            self.counters.update({"disc_skipped_steps": 0, "disc_consecutive_skips": 0, "disc_nonfinite_losses": 0})
+
+    def _wants_gan(self) -> bool:
+        """A tokenizer run with a discriminator trains two engines ("generator", "discriminator")
+        when it reaches the discriminator's start step, or resumes a checkpoint that has them. A
+        run that ends before the start (short CI runs of the -tiny recipes) trains one engine,
+        "model", exactly as the GAN run would until then; extending it later loads that "model"
+        into the generator and starts the discriminator fresh (:meth:`_load_plan`), which is what
+        the GAN run's discriminator was until its start step (its init comes from its own seed)."""
+        cfg = self.cfg
+        if cfg.stage != "tokenizer" or not cfg.discriminator.model:
+            return False
+        if cfg.steps > cfg.discriminator.start_step:
+            return True
+        return cfg.checkpoint.resume and "generator" in self._checkpoint_engines(self.run_dir)
+
+    @staticmethod
+    def _checkpoint_engines(url: str) -> list[str]:
+        """The engine names of the step folder ``url`` resolves to (run directory: its latest)."""
+        step = ckpt.resolve_step_url(url)
+        if step is None:
+            return []
+        return sorted(storage.read_json(storage.join(step, "meta.json")).get("engines", {}))
+
+    def _load_plan(self, url: str) -> tuple[dict, dict]:
+        """(engines, emas) to load from ``url``: a GAN run resuming or warm-starting from a
+        single-engine tokenizer checkpoint loads its "model" (and EMA) into the generator (the
+        discriminator keeps its fresh state); a single-engine tokenizer run warm-starting from a
+        GAN run loads its generator."""
+        if self.cfg.stage == "tokenizer" and ckpt.resolve_step_url(url) is not None:
+            names = self._checkpoint_engines(url)
+            ema = self.emas.get(self.main)
+            if self.gan and "generator" not in names and "model" in names:
+                log.info("%s holds a single-engine tokenizer: loading it into the generator; the discriminator "
+                         "starts fresh", url)
+                return {"model": self.engine}, ({"model": ema} if ema is not None else {})
+            if not self.gan and "model" not in names and "generator" in names:
+                log.info("%s holds a GAN run: loading its generator (the discriminator is not used)", url)
+                return {"generator": self.engine}, ({"generator": ema} if ema is not None else {})
+        return self.engines, self.emas
 
     def _make_loader(self, url: str, batch: int, seed: int, workers: int):
         cfg = self.cfg
@@ -235,9 +307,11 @@ class Trainer:
         cfg = self.cfg
         res = None
         if cfg.checkpoint.resume:
-            res = ckpt.load_checkpoint(self.run_dir, self.engines, emas=self.emas)
+            engines, emas = self._load_plan(self.run_dir)
+            res = ckpt.load_checkpoint(self.run_dir, engines, emas=emas)
         if res is None and cfg.checkpoint.init_from:
-            ckpt.load_checkpoint(cfg.checkpoint.init_from, self.engines, emas=self.emas, weights_only=True)
+            engines, emas = self._load_plan(cfg.checkpoint.init_from)
+            ckpt.load_checkpoint(cfg.checkpoint.init_from, engines, emas=emas, weights_only=True)
             log.info("warm start from %s (weights only)", cfg.checkpoint.init_from)
             return None
         if res is None:
@@ -246,6 +320,7 @@ class Trainer:
             self.loader.load_state_dict(res.loader_state)
         self.counters.update(res.meta.get("trainer", {}))
         self.step = res.step
+        self.samples_seen = res.samples_seen
         return res.step
 
     # -- pieces of a step -----------------------------------------------------------------------
@@ -262,10 +337,15 @@ class Trainer:
             yield from it
 
     def _train_step(self, batches: Iterator[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        cfg, engine = self.cfg, self.engine
+        """One optimizer step: per micro-batch the (generator's) loss -> backward -> step, then
+        for GAN runs from the discriminator's start step the discriminator's loss on the same
+        micro-batch's reals and detached reconstructions -> its engine's backward -> step."""
+        cfg, engine, disc = self.cfg, self.engine, self.disc_engine
         sums: dict[str, torch.Tensor] = {}
-        info = {"wait": 0.0, "samples": 0, "tokens": 0, "keys": [], "nonfinite": False}
+        info = {"wait": 0.0, "samples": 0, "tokens": 0, "keys": [], "nonfinite": False, "disc_nonfinite": False,
+                "disc_ran": False}
         before = engine.skipped_steps
+        disc_before = disc.skipped_steps if disc is not None else 0
         for _ in range(self.gas):
             t = time.perf_counter()
             batch = next(batches)
@@ -275,6 +355,15 @@ class Trainer:
                 loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
+            if disc is not None and self.objective.active(self.step):
+                d_loss, d_metrics = self.objective.discriminator_step(self.engines, self.objective.batch_cache,
+                                                                      self.step)
+                disc.backward(d_loss)
+                disc.step()
+                metrics = {**metrics, **d_metrics}
+                info["disc_ran"] = True
+                if not torch.isfinite(d_loss.detach()).all():
+                    info["disc_nonfinite"] = True
             for k, v in metrics.items():
                 sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
             if not torch.isfinite(loss.detach()).all():
@@ -286,6 +375,7 @@ class Trainer:
             if cfg.log.record_keys:
                 info["keys"] += list(zip(batch["key"], batch["epoch"].tolist()))
         info["skipped"] = engine.skipped_steps > before
+        info["disc_skipped"] = disc is not None and disc.skipped_steps > disc_before
         return {k: v / self.gas for k, v in sums.items()}, info
 
     def _validate(self) -> dict[str, float]:
@@ -311,7 +401,7 @@ class Trainer:
             return next(iter(loader))
 
     def _visuals(self, batch: dict) -> None:
-        ema = self.emas.get("model")
+        ema = self.emas.get(self.main)
         with _no_rng(), (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
             grids = self.objective.visuals(self.engines, batch)
         for name, images in grids.items():
@@ -351,7 +441,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         t_start = time.time()
-        self.step, self.last_checkpoint = 0, None
+        self.step, self.last_checkpoint, self.samples_seen = 0, None, 0
         self._setup()
         cfg = self.cfg
         resumed = self._resume()
@@ -398,11 +488,22 @@ class Trainer:
                     self.counters["consecutive_skips"] = 0
                     for ema in self.emas.values():
                         ema.update()
+                if self.gan and info["disc_ran"]:
+                    self.counters["disc_nonfinite_losses"] += int(info["disc_nonfinite"])
+                    if info["disc_skipped"]:
+                        self.counters["disc_skipped_steps"] += 1
+                        self.counters["disc_consecutive_skips"] += 1
+                        log.warning("step %d: non-finite discriminator gradient, its optimizer step skipped "
+                                    "(%d in a row, %d in all)", self.step, self.counters["disc_consecutive_skips"],
+                                    self.counters["disc_skipped_steps"])
+                    else:
+                        self.counters["disc_consecutive_skips"] = 0
                 if keys_file is not None:
                     keys_file.write(json.dumps({"step": self.step, "keys": info["keys"]}) + "\n")
                     keys_file.flush()
                 window["wait"] += info["wait"]
                 window["samples"] += info["samples"]
+                self.samples_seen += info["samples"] * self.world
                 window["tokens"] += info["tokens"]
                 window["steps"] += 1
                 if peak is not None and flops is None:
@@ -422,11 +523,14 @@ class Trainer:
                              ", ".join(f"{k}={v:.4g}" for k, v in sorted(val.items()) if k.startswith("loss")))
                 if visual_batch is not None and self.step % cfg.validation.visuals_every == 0:
                     self._visuals(visual_batch)
-                if self.counters["consecutive_skips"] >= cfg.guard.max_consecutive_skips:
+                streak, which = self.counters["consecutive_skips"], ""
+                if self.gan and self.counters["disc_consecutive_skips"] > streak:
+                    streak, which = self.counters["disc_consecutive_skips"], " of the discriminator"
+                if streak >= cfg.guard.max_consecutive_skips:
                     state = "diverged"
                     self._save(last_metrics)
                     raise TrainingDiverged(
-                        f"{self.counters['consecutive_skips']} non-finite steps in a row at step {self.step} "
+                        f"{streak} non-finite steps{which} in a row at step {self.step} "
                         f"(guard.max_consecutive_skips={cfg.guard.max_consecutive_skips}); the weights of the "
                         f"last good step are saved in {self.last_checkpoint}. Lower optim.lr, raise "
                         f"optim.warmup_steps or check the data, then resume")
@@ -475,7 +579,15 @@ class Trainer:
             out["grad_norm"] = float(gn)
         out["guard/skipped_steps"] = float(self.counters["skipped_steps"])
         out["guard/nonfinite_losses"] = float(self.counters["nonfinite_losses"])
-        out["samples_seen"] = float(self.loader.samples_seen * self.world)
+        if self.gan:
+            out["gan/lr"] = float(self.disc_engine.get_lr()[0])
+            dgn = self.disc_engine.get_global_grad_norm()
+            if dgn is not None:
+                out["gan/grad_norm"] = float(dgn)
+            out["guard/disc_skipped_steps"] = float(self.counters["disc_skipped_steps"])
+            out["guard/disc_nonfinite_losses"] = float(self.counters["disc_nonfinite_losses"])
+        # (the loader's samples_seen is the global count at its last load plus this rank's since)
+        out["samples_seen"] = float(self.samples_seen)
         if flops is not None and peak is not None:
             out["mfu"] = flops * window["samples"] / dt / peak
         out.update(self._memory())
