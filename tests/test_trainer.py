@@ -119,39 +119,59 @@ def test_flops_per_sample_counts_forward_times_three():
 
 
 def _every_tiny_recipe_phase(out: str) -> None:
-    """Two steps of every -tiny recipe in one process (the registry drives the list)."""
+    """Two steps of every -tiny recipe on 2 processes (the registry drives the list): tokenizers with
+    their adversarial loss on from the first step, the generator at ZeRO-1, 2 and 3; priors at ZeRO-2."""
+    import torch.distributed as dist
+
     from data_pipeline.demo import build_demo
     from pretrain.config import apply_overrides
     from pretrain.recipes import get_recipe, list_recipes
     from pretrain.trainer import Trainer
 
-    images = os.path.join(out, "images")
-    build_demo(images, quick=True, progress=False, shard_samples=100)
-    plain, masked = make_codes(os.path.join(out, "codes")), make_codes(os.path.join(out, "masked"), grid=(8, 8), kept=16)
+    images, plain, masked = (os.path.join(out, n) for n in ("images", "codes", "masked"))
+    if dist.get_rank() == 0:
+        build_demo(images, quick=True, progress=False, shard_samples=100)
+        make_codes(plain)
+        make_codes(masked, grid=(8, 8), kept=16)
+    dist.barrier()
     results = {}
     for name in [r for r in list_recipes() if r.endswith("-tiny")]:
         cfg = get_recipe(name)
-        data = images if cfg.stage == "tokenizer" else masked if name.startswith("stackformer") else plain
-        cfg = apply_overrides(cfg, [f"run_dir={out}/{name}", f"data.url={data}", "steps=2", "global_batch_size=4",
-                                    "data.num_workers=0", "validation.visuals_every=0", "log.every=1",
-                                    "log.progress=false", "checkpoint.every=2"])
-        res = Trainer(cfg).fit()
-        results[name] = {"state": res.state, "step": res.step, "loss": res.metrics.get("loss")}
-    json.dump(results, open(os.path.join(out, "tiny.json"), "w"))
+        tokenizer = cfg.stage == "tokenizer"
+        data = images if tokenizer else masked if name.startswith("stackformer") else plain
+        for stage in ((1, 2, 3) if tokenizer else (2,)):
+            sets = [f"run_dir={out}/{name}-z{stage}", f"data.url={data}", "steps=2", "global_batch_size=4",
+                    "data.num_workers=0", "validation.visuals_every=0", "log.every=1", "log.progress=false",
+                    "checkpoint.every=2", f"deepspeed.zero_stage={stage}", "deepspeed.param_persistence_threshold=0"]
+            if tokenizer:
+                sets += ["discriminator.start_step=0"]
+            res = Trainer(apply_overrides(cfg, sets)).fit()
+            meta = json.load(open(os.path.join(out, f"{name}-z{stage}", "checkpoints", "step_00000002", "meta.json")))
+            results[f"{name}-z{stage}"] = {"state": res.state, "step": res.step, "loss": res.metrics.get("loss"),
+                                           "d_loss": res.metrics.get("gan/d_loss"), "engines": meta["engines"]}
+    if dist.get_rank() == 0:
+        json.dump(results, open(os.path.join(out, "tiny.json"), "w"))
 
 
 @pytest.mark.multiprocess
 def test_every_tiny_recipe_trains(tmp_path):
-    from pretrain.recipes import list_recipes
+    """The CI twin of every recipe trains on 2 processes; tokenizers with the GAN on, at ZeRO-1/2/3."""
+    from pretrain.recipes import get_recipe, list_recipes
 
     out = str(tmp_path)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "tiny", out], env=_env(), cwd=_ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = torchrun(__file__, "tiny", out, timeout=900)
     assert proc.returncode == 0, proc.stderr[-5000:]
     res = json.load(open(os.path.join(out, "tiny.json")))
-    assert sorted(res) == [r for r in list_recipes() if r.endswith("-tiny")]
+    tiny = [r for r in list_recipes() if r.endswith("-tiny")]
+    expected = [f"{r}-z{s}" for r in tiny for s in ((1, 2, 3) if get_recipe(r).stage == "tokenizer" else (2,))]
+    assert sorted(res) == sorted(expected)
     for name, r in res.items():
         assert r["state"] == "finished" and r["step"] == 2 and np.isfinite(r["loss"]), (name, r)
+        if get_recipe(name.rsplit("-z", 1)[0]).stage == "tokenizer":
+            stage = int(name.rsplit("-z", 1)[1])
+            assert set(r["engines"]) == {"generator", "discriminator"}, (name, r["engines"])
+            assert r["engines"]["generator"]["zero_stage"] == stage
+            assert r["d_loss"] is not None and np.isfinite(r["d_loss"]), (name, r)
 
 
 # ---- kill -9 and resume: bit-identical losses, the same samples --------------------------------------
