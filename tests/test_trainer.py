@@ -63,13 +63,13 @@ def _train_cmd(recipe: str, run_dir: str, sets: list[str]) -> list[str]:
     return [sys.executable, "-m", "pretrain.cli", "train", "--recipe", recipe, "--run-dir", run_dir, *sets]
 
 
-def _losses(run_dir: str) -> dict[int, float]:
-    """The last logged training loss of each step (a resumed run logs re-run steps again)."""
+def _losses(run_dir: str, key: str = "loss") -> dict[int, float]:
+    """The last logged value of ``key`` at each step (a resumed run logs re-run steps again)."""
     out = {}
     for line in open(os.path.join(run_dir, "metrics.jsonl")):
         d = json.loads(line)
-        if "loss" in d:
-            out[d["step"]] = d["loss"]
+        if key in d:
+            out[d["step"]] = d[key]
     return out
 
 
@@ -176,16 +176,31 @@ def test_every_tiny_recipe_trains(tmp_path):
 
 # ---- kill -9 and resume: bit-identical losses, the same samples --------------------------------------
 
+def _gan_sets(data: str, steps: int) -> list[str]:
+    """A tiny CNN VQGAN against PatchGAN-tiny from step 2: two engines, two optimizers, LeCam."""
+    return ["--set", f"data.url={data}", "--set", f"steps={steps}", "--set", "checkpoint.every=4",
+            "--set", "checkpoint.keep_last=10", "--set", "log.every=1", "--set", "log.record_keys=true",
+            "--set", "global_batch_size=8", "--set", "data.num_workers=2", "--set", "data.shuffle_buffer=16",
+            "--set", "validation.visuals_every=0", "--set", "log.progress=false", "--set", "discriminator.start_step=2",
+            "--set", "discriminator.lecam_weight=0.001", "--set", f"optim.total_steps={steps}"]
+
+
 @pytest.mark.multiprocess
-def test_sigkill_and_resume_is_bit_identical(tmp_path):
-    data = make_codes(str(tmp_path / "codes"))
-    steps = 24
-    sets = _prior_sets(data, steps, every=4, workers=2)
+@pytest.mark.parametrize("kind", ["prior", "gan-tokenizer"])
+def test_sigkill_and_resume_is_bit_identical(tmp_path, kind):
+    steps = 24 if kind == "prior" else 16
+    if kind == "prior":
+        recipe, sets = "vim-small-tiny", _prior_sets(make_codes(str(tmp_path / "codes")), steps, every=4, workers=2)
+    else:
+        from data_pipeline.demo import build_demo
+
+        build_demo(str(tmp_path / "images"), quick=True, progress=False, shard_samples=50)
+        recipe, sets = "vqgan-f8-tiny", _gan_sets(str(tmp_path / "images"), steps)
     ref = str(tmp_path / "ref")
-    subprocess.run(_train_cmd("vim-small-tiny", ref, sets), env=_env(), cwd=_ROOT, check=True,
+    subprocess.run(_train_cmd(recipe, ref, sets), env=_env(), cwd=_ROOT, check=True,
                    capture_output=True, timeout=300)
     run = str(tmp_path / "killed")
-    proc = subprocess.Popen(_train_cmd("vim-small-tiny", run, sets), env=_env(), cwd=_ROOT,
+    proc = subprocess.Popen(_train_cmd(recipe, run, sets), env=_env(), cwd=_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = os.path.join(run, "checkpoints", "latest")
     deadline = time.time() + 240
@@ -200,13 +215,17 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     assert "step_00000008" <= killed_at < f"step_{steps:08d}", killed_at     # killed mid-run
     status = json.load(open(os.path.join(run, "status.json")))
     assert status["state"] == "running"
-    out = subprocess.run(_train_cmd("vim-small-tiny", run, sets), env=_env(), cwd=_ROOT, check=True,
+    out = subprocess.run(_train_cmd(recipe, run, sets), env=_env(), cwd=_ROOT, check=True,
                          capture_output=True, text=True, timeout=300)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["state"] == "finished" and summary["resumed_from"] >= 8
     a, b = _losses(ref), _losses(run)
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]   # bit-identical
+    if kind == "gan-tokenizer":         # the discriminator's side too: its loss, logits, LeCam
+        for key in ("gan/d_loss", "gan/logits_real", "gan/g_loss", "gan/lecam"):
+            da, db = _losses(ref, key), _losses(run, key)
+            assert da and da == db, (key, da, db)
     ka, kb = _keys(ref), _keys(run)
     assert ka == kb                                                                      # the same samples
     assert json.load(open(os.path.join(run, "status.json")))["state"] == "finished"
