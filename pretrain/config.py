@@ -31,18 +31,22 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def json_value(value: Any) -> Any:
+    """Free-form values (model_args, DeepSpeed passthrough): a command-line string that reads as
+    JSON (20, 0.5, true, [8, 8], {"a": 1}) is that value, anything else stays a string."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (a string from the command line, or a JSON value) to type ``tp``."""
     origin, args = get_origin(tp), get_args(tp)
     if tp is Any:
-        # Free-form values (model_args, DeepSpeed passthrough): a command-line string that reads as
-        # JSON (20, 0.5, true, [8, 8], {"a": 1}) is that value, anything else stays a string.
-        if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except ValueError:
-                return value
-        return value
+        return json_value(value)
     if origin in (Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:

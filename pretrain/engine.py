@@ -96,6 +96,8 @@ from typing import Any, Iterator, Literal, Union
 import torch
 import torch.nn as nn
 
+from .config import json_value
+
 __all__ = ["OptimConfig", "DeepSpeedSettings", "gradient_accumulation_steps", "resolve_bf16",
            "build_ds_config", "weight_decay_groups", "WarmupCosine", "apply_activation_checkpointing",
            "build_engine", "consolidated_state_dict", "EMA"]
@@ -154,22 +156,10 @@ def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, w
     return global_batch_size // per_step
 
 
-def _parse(value: Any) -> Any:
-    """``--set deepspeed.passthrough.KEY=VALUE`` gives strings: read them as JSON when they are."""
-    if isinstance(value, str):
-        import json
-
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
-
-
 def _deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        v = _parse(v)
+        v = json_value(v)          # passthrough strings given in code read as JSON too
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
