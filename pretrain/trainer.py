@@ -573,19 +573,14 @@ class Trainer:
             extra["tokens_per_s"] = window["tokens"] * self.world / dt
         extra = _mean_over_ranks(extra, self.reduce_device)   # per-rank estimates of global rates
         out.update(extra)
-        out["lr"] = float(self.engine.get_lr()[0])
-        gn = self.engine.get_global_grad_norm()
-        if gn is not None:
-            out["grad_norm"] = float(gn)
-        out["guard/skipped_steps"] = float(self.counters["skipped_steps"])
-        out["guard/nonfinite_losses"] = float(self.counters["nonfinite_losses"])
-        if self.gan:
-            out["gan/lr"] = float(self.disc_engine.get_lr()[0])
-            dgn = self.disc_engine.get_global_grad_norm()
-            if dgn is not None:
-                out["gan/grad_norm"] = float(dgn)
-            out["guard/disc_skipped_steps"] = float(self.counters["disc_skipped_steps"])
-            out["guard/disc_nonfinite_losses"] = float(self.counters["disc_nonfinite_losses"])
+        engines = [(self.engine, "", "")] + ([(self.disc_engine, "gan/", "disc_")] if self.gan else [])
+        for engine, prefix, counter in engines:
+            out[f"{prefix}lr"] = float(engine.get_lr()[0])
+            gn = engine.get_global_grad_norm()
+            if gn is not None:
+                out[f"{prefix}grad_norm"] = float(gn)
+            for c in ("skipped_steps", "nonfinite_losses"):
+                out[f"guard/{counter}{c}"] = float(self.counters[f"{counter}{c}"])
         # (the loader's samples_seen is the global count at its last load plus this rank's since)
         out["samples_seen"] = float(self.samples_seen)
         if flops is not None and peak is not None:
