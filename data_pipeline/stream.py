@@ -466,6 +466,28 @@ class _SourceReader:
                 "exhausted": self.exhausted}
 
 
+WORKER_TERM_GRACE_S = 300
+
+
+def _shield_worker_from_job_signals(_worker_id: int) -> None:
+    """Keep a loader worker alive through the job's stop signals.
+
+    Slurm delivers ``scancel --signal`` and pre-emption's SIGTERM to every process of the job
+    step, loader workers included. A worker that dies of it makes the main process raise at its
+    next batch, possibly in the middle of the checkpoint the same signal asked for. The main
+    process owns the decision to stop (``pretrain.distributed.StopFlag``) and shuts its workers
+    down through their queues; a worker ignores SIGUSR1/SIGUSR2 and, on SIGTERM, only arms an
+    alarm that ends it after ``WORKER_TERM_GRACE_S`` should that orderly shutdown never come
+    (its parent's watchdog ends it sooner if the parent dies).
+    """
+    import signal
+
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, lambda *_: signal.alarm(WORKER_TERM_GRACE_S))
+
+
 class ShardStream(IterableDataset):
     """Yields collated batches, each with its worker's progress under ``"__state__"``.
 
@@ -702,6 +724,8 @@ class StreamingLoader:
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+        if self.num_workers > 0:
+            kwargs["worker_init_fn"] = _shield_worker_from_job_signals
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory and torch.cuda.is_available(), **kwargs)
         for batch in loader:

@@ -19,6 +19,8 @@ EPILOG = """examples:
   vqscale data inspect s3://bucket/mydata
   vqscale sample --prior s3://bucket/zoo/vim-base --class 207 --num 16 --out grid.png
   vqscale tokenize --tokenizer s3://bucket/zoo/vit-vqgan-ss --data s3://bucket/mydata --out s3://bucket/mydata-codes
+  vqscale submit --cluster slurm --nodes 16 --gpus-per-node 8 -- train --recipe vim-base
+  vqscale status runs/vim-base
 """
 
 
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train RECIPE with DeepSpeed on every rank torchrun or Slurm started (or one "
                                     "process). A run directory that has a checkpoint is resumed from its latest one "
                                     "(exactly, on the same world size; through DeepSpeed's universal format on "
-                                    "another). SIGTERM/SIGUSR1 stop after the current step with a checkpoint.",
+                                    "another). SIGTERM/SIGUSR1/SIGUSR2 stop after the current step with a checkpoint.",
                         epilog="recipes: " + ", ".join(_recipe_names()))
     tr.add_argument("--recipe", required=True, help="recipe name (see the list below); -tiny ones run on a CPU")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -136,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also cache per-token caption embeddings (KEY.txtemb.npy) from this registered text encoder")
     tk.add_argument("--limit-shards", type=int, default=None, metavar="N", help="only the first N shards of --data")
     tk.add_argument("--decode-threads", type=int, default=None, help="image decoding threads (default min(8, CPUs))")
+
+    from cluster.submit import EPILOG as SUBMIT_EPILOG
+    from cluster.submit import add_arguments as add_submit_arguments
+
+    sb = sub.add_parser("submit", help="run a verb as a cluster job (Slurm through submitit, or local)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SUBMIT_EPILOG,
+                        description="Submit `vqscale VERB ARGS` as a job: one task per GPU on --nodes nodes "
+                                    "(Slurm), or the same number of processes here (--cluster local). The "
+                                    "command is checked before submission. Pre-emption and time limits "
+                                    "checkpoint and requeue the job; --dry-run prints the sbatch script.")
+    add_submit_arguments(sb)
+    st = sub.add_parser("status", help="print a run's or job's status.json and its queue state")
+    st.add_argument("run_dir", help="run directory or job folder (local or URL)")
+    st.add_argument("--json", action="store_true", help="print the raw JSON")
     return p
 
 
@@ -222,6 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (PackageError, TokenizeError) as e:
                 print(f"vqscale: error: {e}", file=sys.stderr)
                 return 2
+        if args.verb == "submit":
+            from cluster.submit import main_submit
+
+            return main_submit(args)
+        if args.verb == "status":
+            from cluster.status import main_status
+
+            return main_status(args)
     except (ConfigError, DataError) as e:
         print(f"vqscale: error: {e}", file=sys.stderr)
         return 2

@@ -14,12 +14,14 @@ that many would wait forever for ranks that were never started.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Mapping
@@ -29,7 +31,8 @@ import torch
 log = logging.getLogger("vqscale.dist")
 
 __all__ = ["DistEnv", "detect_env", "expand_nodelist", "slurm_master_port", "init_distributed",
-           "destroy_distributed", "setup_rank_logging", "StopFlag", "seed_for", "barrier"]
+           "destroy_distributed", "setup_rank_logging", "StopFlag", "process_stop_flag", "seed_for", "barrier",
+           "resolve_master_addr"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,30 @@ def _first_tasks_per_node(text: str) -> int:
     return int(m.group(1)) if m else 1
 
 
+def resolve_master_addr(host: str) -> str:
+    """The address to rendezvous on for the first host of a Slurm node list.
+
+    Real clusters' node names resolve; a cluster whose node names are only Slurm's (several
+    virtual nodes on one machine, or a site without DNS entries) still knows each node's address
+    as ``NodeAddr``, which ``scontrol`` reports. One call per rank, and only when DNS fails.
+    """
+    try:
+        socket.getaddrinfo(host, None)
+        return host
+    except (socket.gaierror, UnicodeError):
+        pass
+    try:
+        out = subprocess.run(["scontrol", "show", "node", host, "-o"], capture_output=True, text=True, timeout=60)
+        m = re.search(r"\bNodeAddr=(\S+)", out.stdout)
+        if m:
+            log.info("master host %s does not resolve; using its Slurm NodeAddr %s", host, m.group(1))
+            return m.group(1)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    raise RuntimeError(f"the master host {host!r} (first host of the Slurm node list) does not resolve and "
+                       f"scontrol does not know its NodeAddr; export MASTER_ADDR in the job")
+
+
 # ---- process group -------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -172,6 +199,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     env = detect_env()
     if env.source == "single":
         env = DistEnv(master_port=int(os.environ.get("MASTER_PORT") or _free_port()))
+    elif env.source == "slurm":
+        env = dataclasses.replace(env, master_addr=resolve_master_addr(env.master_addr))
     os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
                        "LOCAL_RANK": str(env.local_rank), "LOCAL_WORLD_SIZE": str(env.local_world_size),
                        "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port)})
@@ -254,35 +283,59 @@ def setup_rank_logging(run_dir_local: str, rank: int, level: int = logging.INFO)
 
 
 # ---- stop flag -----------------------------------------------------------------------------------
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (Slurm's pre-emption and time-limit warnings) and agreed on by all
-    ranks: :meth:`should_stop` is a collective (one 1-element all_reduce MAX) that every rank calls
-    at the same step, so a signal delivered to one rank stops all ranks after the same step.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
-    The handlers only set a flag; the training loop decides when to checkpoint and exit. They
-    replace the previous handlers until :meth:`uninstall`.
+
+class StopFlag:
+    """Set by SIGTERM (cancel or pre-emption), SIGUSR1 and SIGUSR2 (submitit's time-limit and
+    pre-emption signal) and agreed on by all ranks: :meth:`should_stop` is a collective (one
+    1-element all_reduce MAX) that every rank calls at the same step, so a signal delivered to one
+    rank stops all ranks after the same step.
+
+    The handlers only set a flag (a sharded save is a collective and cannot run inside a signal
+    handler); the training loop decides when to checkpoint and exit. Installs nest: the cluster
+    job installs the process flag (:func:`process_stop_flag`) before anything else, so a signal
+    that arrives while the model is still being built is not lost, and the trainer's own
+    install/uninstall inside it changes nothing. The outermost install clears an old flag and
+    the outermost uninstall restores the previous handlers.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.signals = signals
         self.local = False
         self.reason: str | None = None
+        self.seen: set[str] = set()        # every signal received, by name
+        self.agreed = False                # should_stop() has returned True
         self._previous: dict[int, object] = {}
+        self._depth = 0
 
     def install(self) -> "StopFlag":
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if self._depth == 0:
+            self.local, self.reason, self.agreed = False, None, False
+            self.seen = set()
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        self._depth += 1
         return self
 
     def uninstall(self) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth:
+            return
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()
 
+    @property
+    def installed(self) -> bool:
+        return self._depth > 0
+
     def _handle(self, signum, _frame) -> None:
         self.local = True
-        self.reason = signal.Signals(signum).name
-        # Only an async-signal-safe flag here; the log line is written by should_stop.
+        name = signal.Signals(signum).name
+        self.reason = self.reason or name
+        self.seen.add(name)
+        # Only flags here; the log line is written by should_stop.
 
     def request(self, reason: str = "requested") -> None:
         self.local, self.reason = True, reason
@@ -292,14 +345,34 @@ class StopFlag:
         import torch.distributed as dist
 
         if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return self.local
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([1.0 if self.local else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item() > 0)
+            stop = self.local
+        else:
+            # [requested, one slot per signal]: MAX over ranks is the union of what any rank saw,
+            # so rank 0 can tell a pre-emption (USR2, requeue) from a cancel (TERM, no requeue)
+            # even when the signal reached another rank only.
+            names = [signal.Signals(s).name for s in self.signals]
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([float(self.local)] + [float(n in self.seen) for n in names], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            values = flag.tolist()
+            stop = values[0] > 0
+            self.seen |= {n for n, v in zip(names, values[1:]) if v > 0}
         if stop:
-            log.warning("stop agreed (%s)", self.reason or "signal on another rank")
+            if not self.agreed:
+                log.warning("stop agreed (%s)", self.reason or "signal on another rank")
+            self.agreed = True
         return stop
+
+
+_PROCESS_FLAG: StopFlag | None = None
+
+
+def process_stop_flag() -> StopFlag:
+    """The one stop flag of this process, shared by the cluster job and the trainer."""
+    global _PROCESS_FLAG
+    if _PROCESS_FLAG is None:
+        _PROCESS_FLAG = StopFlag()
+    return _PROCESS_FLAG
 
 
 def seed_for(seed: int, rank: int) -> int:

@@ -137,3 +137,23 @@ class MetricLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def update_status(run_dir: str, **fields: Any) -> dict:
+    """Merge ``fields`` into ``RUN_DIR/status.json`` and return the whole status.
+
+    Two writers share the file: the cluster layer (job id, requeues, the submitit folder) and the
+    trainer's rank 0 (state, step, last checkpoint); merging keeps each one's fields. A file that
+    cannot be read (a half-copied one on a shared filesystem) starts afresh rather than failing.
+    """
+    url = storage.join(run_dir, "status.json")
+    try:
+        current = storage.read_json(url) if storage.exists(url) else {}
+    except (OSError, ValueError):
+        current = {}
+    if not isinstance(current, dict):
+        current = {}
+    current.update(fields)
+    current["time"] = time.time()
+    storage.write_json(url, current)
+    return current

@@ -57,9 +57,9 @@ from data_pipeline import storage
 
 from . import checkpoint as ckpt
 from .config import to_dict, write_resolved
-from .distributed import StopFlag, init_distributed, setup_rank_logging
+from .distributed import init_distributed, process_stop_flag, setup_rank_logging
 from .engine import EMA, build_engine, gradient_accumulation_steps
-from .metrics import MetricLogger
+from .metrics import MetricLogger, update_status
 from .objectives import COLLAPSE_METRIC, CaptionTokenizer, build_objective
 from .recipes import RunConfig
 from .repro import run_metadata, seed_everything
@@ -427,10 +427,10 @@ class Trainer:
     def _status(self, state: str) -> None:
         if self.rank != 0:
             return
-        storage.write_json(storage.join(self.run_dir, "status.json"), {
-            "state": state, "step": self.step, "steps": self.cfg.steps, "last_checkpoint": self.last_checkpoint,
-            "job_id": os.environ.get("SLURM_JOB_ID"), "world_size": self.world, "time": time.time(),
-            "skipped_steps": self.counters["skipped_steps"]})
+        job = {"job_id": os.environ["SLURM_JOB_ID"]} if os.environ.get("SLURM_JOB_ID") else {}
+        update_status(self.run_dir, state=state, step=self.step, steps=self.cfg.steps,
+                      last_checkpoint=self.last_checkpoint, world_size=self.world,
+                      skipped_steps=self.counters["skipped_steps"], **job)
 
     def _memory(self) -> dict[str, float]:
         out = {"memory/host_max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -451,7 +451,7 @@ class Trainer:
                  self.run_dir, cfg.stage, cfg.model, cfg.steps, cfg.global_batch_size, self.world, self.micro,
                  self.gas, f", resumed at step {resumed}" if resumed is not None else "")
         visual_batch = self._visual_batch() if cfg.validation.visuals_every > 0 else None
-        stop = StopFlag().install()
+        stop = process_stop_flag().install()
         keys_file = None
         if cfg.log.record_keys:
             os.makedirs(os.path.join(self.local_dir, "keys"), exist_ok=True)

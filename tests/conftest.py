@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 server (SeaweedFS) for the session and a fresh bucket per test."""
+"""Shared fixtures: a real S3 server (SeaweedFS) for the session and a fresh bucket per test; a
+real single-machine Slurm cluster for the session."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ if _ROOT not in sys.path:
 
 from data_pipeline import storage  # noqa: E402
 from tests.s3server import SeaweedS3  # noqa: E402
+from tests.slurm_cluster import SlurmCluster  # noqa: E402
 
 
 def _in_ci() -> bool:
@@ -49,6 +51,27 @@ def s3_server():
                 os.environ[k] = v
         storage.configure("s3")
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A 2-node Slurm cluster (2 x 4 CPUs) on this machine; Slurm commands need its ``env()``
+    (``os.environ`` is left alone, so only the tests that ask for it talk to it).
+
+    Where Slurm cannot run (not root, no apt-get, install fails, daemons do not come up) tests
+    that need it are skipped with the reason, except in CI (``CI=true``), where they fail.
+    """
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+    except Exception as e:  # noqa: BLE001
+        if _in_ci():
+            pytest.fail(f"CI=true and the Slurm test cluster could not start: {e}", pytrace=False)
+        pytest.skip(f"Slurm test cluster could not start: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture
