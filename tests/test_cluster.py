@@ -271,3 +271,23 @@ def test_slurm_requeue_limit_stops_with_a_message(slurm, codes, tmp_path):
     assert st["state"] == "requeue-limit" and st["step"] < 400 and st["last_checkpoint"]
     err = open(job.paths.stderr).read()
     assert "the limit is 0 requeues" in err and "RequeueLimitReached" in err
+
+
+@pytest.mark.multiprocess
+def test_slurm_sweep_runs_as_a_job_array(slurm_cluster, tmp_path):
+    """One array task per value (here: one `data inspect` per dataset, as an eval per checkpoint)."""
+    from tests.datasets import make_dataset
+
+    for name, sizes in (("a", [3, 4]), ("b", [5])):
+        make_dataset(str(tmp_path / name), sizes)
+    job_dir = str(tmp_path / "job")
+    out = _vqscale("submit", "--cluster", "slurm", "--sweep", "d=a,b", "--job-dir", job_dir, "--wait", "--",
+                   "data", "inspect", str(tmp_path / "{d}"), "--out", str(tmp_path / "{d}.json"),
+                   env=_slurm_env(slurm_cluster), timeout=300)
+    ids = [json.loads(x)["job_id"] for x in out.stdout.splitlines() if x.startswith("{")]
+    assert len(ids) == 2 and ids[0].endswith("_0") and ids[1].endswith("_1")
+    assert ids[0].split("_")[0] == ids[1].split("_")[0]                 # one array job
+    for i, (name, n) in enumerate((("a", 7), ("b", 5))):
+        assert json.load(open(tmp_path / f"{name}.json"))["samples"] == n
+        st = json.load(open(os.path.join(job_dir, "tasks", str(i), "status.json")))
+        assert (st["state"], st["job_id"], st["exit_code"]) == ("finished", ids[i], 0)

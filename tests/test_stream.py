@@ -52,6 +52,27 @@ def test_one_pass_delivers_every_sample_once(uneven):
     assert {e for e, _ in got} == {0}
 
 
+def test_workers_survive_the_job_stop_signals(uneven):
+    """Slurm signals every process of a job step, loader workers too: they must not die of the
+    SIGTERM/SIGUSR2 that asks the main process to checkpoint; the stream goes on unchanged."""
+    import multiprocessing
+    import os
+    import signal
+
+    root, keys = uneven
+    got = []
+    for i, batch in enumerate(image_loader(cfg(root), 10, num_workers=2, max_epochs=1)):
+        got += batch["key"]
+        if i == 1:
+            workers = multiprocessing.active_children()
+            assert len(workers) == 2
+            for w in workers:
+                for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+                    os.kill(w.pid, sig)
+    assert sorted(got) == sorted(keys)                     # nothing lost, no worker died
+    assert all(not w.is_alive() for w in workers)          # and they still shut down in order
+
+
 def test_ranks_and_workers_are_disjoint_and_cover_the_dataset(uneven):
     root, keys = uneven
     per_rank = [take(image_loader(cfg(root), 7, rank=r, world_size=2, num_workers=2, max_epochs=1))
