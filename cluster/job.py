@@ -99,7 +99,7 @@ class VerbJob:
                 self._status(state="failed")
             raise
         if flag is not None and flag.agreed and PREEMPT_SIGNAL in flag.seen:
-            self._requeue(rank, handler)          # does not return
+            self._requeue(rank, env.cluster, handler)          # does not return
         if flag is not None:
             flag.uninstall()
         if rc != 0:
@@ -111,7 +111,7 @@ class VerbJob:
             self._status(state="finished", exit_code=0)
         return {"rank": rank, "exit_code": rc, "requeues": self.requeues, "status_dir": self.status_dir}
 
-    def _requeue(self, rank: int, handler) -> None:
+    def _requeue(self, rank: int, cluster: str, handler) -> None:
         """The checkpoint is written; requeue (rank 0) or wait to be ended by the requeue (others)."""
         if self.requeues >= self.max_requeues:
             msg = (f"the job was pre-empted or timed out {self.requeues + 1} times; the limit is "
@@ -122,11 +122,14 @@ class VerbJob:
             log.error(msg)
             raise RequeueLimitReached(msg)
         if rank != 0:
-            # Rank 0's requeue ends this task. Exiting first with an error status could end the
-            # whole step before rank 0 has requeued, on clusters that kill a step when one task fails.
-            log.info("rank %d: checkpoint written, waiting for rank 0 to requeue the job", rank)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            time.sleep(float(os.environ.get("VQSCALE_REQUEUE_WAIT_S", 300)))
+            # Under Slurm, rank 0's requeue ends this task; exiting first with an error status
+            # could end the whole step before rank 0 has requeued, on clusters that kill a step
+            # when one task fails. submitit's local controller instead restarts the job once every
+            # task has exited and one of them asked for a requeue, so there we leave at once.
+            if cluster != "local":
+                log.info("rank %d: checkpoint written, waiting for rank 0 to requeue the job", rank)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                time.sleep(float(os.environ.get("VQSCALE_REQUEUE_WAIT_S", 300)))
             raise SystemExit(-1)
         self._status(state="requeued", requeues=self.requeues + 1)
         log.warning("pre-empted or timed out: checkpoint written, requeueing (%d of at most %d)",

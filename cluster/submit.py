@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from typing import Any, Sequence
@@ -362,6 +363,19 @@ def main_submit(args: argparse.Namespace) -> int:
     if plan.cluster == "local" or args.wait:
         from .status import wait_jobs
 
-        return wait_jobs(jobs, [t.status_dir for t in plan.tasks], cluster=plan.cluster)
+        try:
+            return wait_jobs(jobs, [t.status_dir for t in plan.tasks], cluster=plan.cluster)
+        except KeyboardInterrupt:
+            if plan.cluster != "local":
+                print(f"stopped following; the job keeps running (vqscale status {plan.tasks[0].status_dir})",
+                      file=sys.stderr)
+                return 130
+            # submitit's controller forwards SIGTERM to the tasks: they checkpoint and exit
+            print("interrupted: stopping the local job after a checkpoint ...", file=sys.stderr)
+            for job in jobs:
+                job._process.send_signal(signal.SIGTERM)
+            for job in jobs:
+                job._process.wait()
+            return 130
     print(f"follow with: vqscale status {plan.tasks[0].status_dir}", file=sys.stderr)
     return 0

@@ -83,3 +83,15 @@ def s3_bucket(s3_server):
         s3_server.delete_bucket(name)
     except Exception:  # noqa: BLE001 - best effort; the server's folder is temporary anyway
         pass
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny problems: on a busy 2-core machine extra threads only
+    wait on each other (seconds per fit). The previous setting is restored."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -136,18 +136,62 @@ def codes(tmp_path_factory):
     return make_codes(str(tmp_path_factory.mktemp("cluster") / "codes"))
 
 
-@pytest.mark.multiprocess
-def test_local_cluster_matches_torchrun(codes, tmp_path):
-    sets = _prior_sets(codes, steps=6, every=3)
-    ref, run = str(tmp_path / "ref"), str(tmp_path / "local")
+@pytest.fixture(scope="module")
+def two_rank_reference(codes, tmp_path_factory):
+    """The torchrun run the local-cluster jobs are compared with: 2 processes, 16 steps."""
+    sets = _prior_sets(codes, steps=16, every=4)
+    ref = str(tmp_path_factory.mktemp("ref2") / "run")
     _torchrun_train(ref, sets, nproc=2)
+    return ref, sets
+
+
+@pytest.mark.multiprocess
+def test_local_cluster_matches_torchrun(two_rank_reference, tmp_path):
+    ref, sets = two_rank_reference
+    run = str(tmp_path / "local")
     out = _vqscale("submit", "--cluster", "local", "--tasks-per-node", "2", "--", "train", "--recipe", RECIPE,
                    "--run-dir", run, *sets)
     assert json.loads(out.stdout.splitlines()[0])["cluster"] == "local"
     st = json.load(open(os.path.join(run, "status.json")))
-    assert (st["state"], st["step"], st["cluster"], st["world_size"]) == ("finished", 6, "local", 2)
+    assert (st["state"], st["step"], st["cluster"], st["world_size"]) == ("finished", 16, "local", 2)
     assert sorted(os.listdir(os.path.join(run, "logs"))) == ["rank0.log", "rank1.log"]
     assert _losses(ref) == _losses(run)
+    _assert_same_weights(ref, run)
+
+
+def _task_pid(run: str, rank: int) -> int:
+    """The pid in the first line of a rank's log (``TIME rankR PID logger ...``)."""
+    first = open(os.path.join(run, "logs", f"rank{rank}.log")).readline().split()
+    return int(first[3])
+
+
+@pytest.mark.multiprocess
+def test_local_cluster_preemption_requeues_and_resumes(two_rank_reference, tmp_path):
+    """The time-limit/pre-emption signal (SIGUSR2, what submitit's local controller sends before
+    the time limit) reaches both tasks: they checkpoint together, submitit's controller restarts
+    the job, and it resumes where it stopped."""
+    import signal
+
+    ref, sets = two_rank_reference
+    run = str(tmp_path / "local-preempted")
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.cli", "submit", "--cluster", "local",
+                             "--tasks-per-node", "2", "--", "train", "--recipe", RECIPE, "--run-dir", run, *sets],
+                            env=job_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while _steps_done(run) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    for rank in range(2):
+        os.kill(_task_pid(run, rank), signal.SIGUSR2)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-5000:]
+    st = json.load(open(os.path.join(run, "status.json")))
+    assert (st["state"], st["step"], st["requeues"]) == ("finished", 16, 1)
+    log0 = open(os.path.join(run, "logs", "rank0.log")).read()
+    stopped = [int(x.split("after step ")[1].split(";")[0]) for x in log0.splitlines() if "stopped by" in x]
+    assert len(stopped) == 1 and 3 <= stopped[0] < 16 and f"resumed at step {stopped[0]}" in log0
+    assert _losses(ref) == _losses(run)
+    assert _keys(ref, ranks=2) == _keys(run, ranks=2)
     _assert_same_weights(ref, run)
 
 
