@@ -50,24 +50,24 @@ class SubmitError(ValueError):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", choices=CLUSTERS, default="local",
                    help="slurm: submit to Slurm; local: run here with the same number of processes (default)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1; local runs them all on this machine)")
-    p.add_argument("--gpus-per-node", type=int, default=0,
+    p.add_argument("--nodes", metavar="N", type=int, default=1, help="nodes (default 1; local runs them all on this machine)")
+    p.add_argument("--gpus-per-node", metavar="G", type=int, default=0,
                    help="GPUs per node, one task per GPU (0 = a CPU job on the gloo backend)")
-    p.add_argument("--tasks-per-node", type=int, default=None,
+    p.add_argument("--tasks-per-node", metavar="T", type=int, default=None,
                    help="processes per node (default: --gpus-per-node, or 1 for a CPU job)")
-    p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per process (data loading; e.g. 10)")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument("--qos", default=None)
-    p.add_argument("--constraint", default=None, help="node features, e.g. 'h100&ib'")
-    p.add_argument("--mem", default=None, help="memory per node as sbatch takes it (e.g. 480G; 0 = all)")
+    p.add_argument("--cpus-per-task", metavar="C", type=int, default=None, help="CPUs per process (data loading; e.g. 10)")
+    p.add_argument("--partition", metavar="P", default=None)
+    p.add_argument("--account", metavar="A", default=None)
+    p.add_argument("--qos", metavar="Q", default=None)
+    p.add_argument("--constraint", metavar="C", default=None, help="node features, e.g. 'h100&ib'")
+    p.add_argument("--mem", metavar="MEM", default=None, help="memory per node as sbatch takes it (e.g. 480G; 0 = all)")
     p.add_argument("--exclusive", action="store_true", help="do not share nodes with other jobs")
-    p.add_argument("--time-min", type=int, default=1440,
+    p.add_argument("--time-min", metavar="MIN", type=int, default=1440,
                    help="time limit in minutes (default 1440); at the limit the job checkpoints and requeues")
-    p.add_argument("--job-name", default=None, help="default vqscale-VERB[-RECIPE]")
-    p.add_argument("--signal-delay-s", type=int, default=120,
+    p.add_argument("--job-name", metavar="NAME", default=None, help="default vqscale-VERB[-RECIPE]")
+    p.add_argument("--signal-delay-s", metavar="S", type=int, default=120,
                    help="seconds before the time limit at which Slurm sends SIGUSR2 (default 120)")
-    p.add_argument("--max-requeues", type=int, default=20,
+    p.add_argument("--max-requeues", metavar="N", type=int, default=20,
                    help="pre-emptions/time limits after which the job stops instead of requeueing (default 20)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="export this variable in the job (repeatable), e.g. NCCL_SOCKET_IFNAME=ib0")
@@ -75,8 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shell line run in the sbatch script before the tasks start (repeatable)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="one array task per value; {KEY} in the command is replaced (repeatable: product)")
-    p.add_argument("--array-parallelism", type=int, default=64, help="array tasks running at once (default 64)")
-    p.add_argument("--job-dir", default=None,
+    p.add_argument("--array-parallelism", metavar="N", type=int, default=64, help="array tasks running at once (default 64)")
+    p.add_argument("--job-dir", metavar="DIR", default=None,
                    help="job folder for submitit files and status.json (default: the run dir for train, "
                         "else runs/jobs/VERB-TIME)")
     p.add_argument("--dry-run", action="store_true",
