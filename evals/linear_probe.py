@@ -14,7 +14,6 @@ Extracting the features (``prior.features(codes, condition, layer)``) is the cal
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any, Mapping, Sequence
 
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline import storage
+
+from .plots import new_figure, save_figure
 
 __all__ = ["DEFAULT_WEIGHT_DECAYS", "fit_linear_probe", "probe_layers", "plot_probe"]
 
@@ -179,19 +179,13 @@ def plot_probe(results: Mapping[Any, Any], out_png_url: str, title: str = "linea
     ``results`` maps layer to top1 (a float in [0, 1], or a :func:`fit_linear_probe` dict).
     Numeric layer keys are placed at their depth; other keys in their given order. Returns the
     PNG bytes."""
-    # The object-oriented API with an explicit Agg canvas: no pyplot global state, no display.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     points = []
     for pos, (key, val) in enumerate(results.items()):
         top1 = float(val["top1"] if isinstance(val, Mapping) else val)
         points.append((_depth(key, pos), str(key), 100.0 * top1))
     points.sort(key=lambda p: p[0])
 
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = new_figure(6, 4)
     if points:
         xs, labels, ys = zip(*points)
         ax.plot(xs, ys, marker="o")
@@ -205,9 +199,4 @@ def plot_probe(results: Mapping[Any, Any], out_png_url: str, title: str = "linea
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    data = buf.getvalue()
-    storage.write_bytes(out_png_url, data)
-    return data
+    return save_figure(fig, out_png_url)

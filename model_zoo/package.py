@@ -147,7 +147,7 @@ def build_model(name: str, config: dict[str, Any], device: str | torch.device = 
 
 # --------------------------------------------------------------------------------- checksums
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(8 << 20), b""):
@@ -166,7 +166,7 @@ def _local_files(folder: str) -> list[str]:
 def write_checksums(folder: str) -> dict[str, str]:
     """Hash every file under a local package folder into ``checksums.sha256``, which goes last."""
     # Nested files (the tokenizer's package, its own checksums too) are listed: one pass checks all.
-    sums = {rel: _sha256_file(os.path.join(folder, rel)) for rel in _local_files(folder) if rel != CHECKSUMS}
+    sums = {rel: sha256_file(os.path.join(folder, rel)) for rel in _local_files(folder) if rel != CHECKSUMS}
     with open(os.path.join(folder, CHECKSUMS), "w") as f:
         f.writelines(f"{digest}  {rel}\n" for rel, digest in sums.items())
     return sums
@@ -202,7 +202,7 @@ def verify_folder(folder: str, url: str = "") -> dict[str, Any]:
         file = os.path.join(folder, *rel.split("/"))
         if not os.path.isfile(file):
             raise PackageError(f"{where}: missing file {rel} (listed in {CHECKSUMS})")
-        if _sha256_file(file) != digest:
+        if sha256_file(file) != digest:
             raise PackageError(f"{where}: checksum mismatch for {rel} (corrupt or modified file)")
     with open(os.path.join(folder, CONFIG)) as f:
         meta = json.load(f)
