@@ -139,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--limit-shards", type=int, default=None, metavar="N", help="only the first N shards of --data")
     tk.add_argument("--decode-threads", type=int, default=None, help="image decoding threads (default min(8, CPUs))")
 
+    from evals.cli import add_arguments as add_eval_arguments
+
+    ev = sub.add_parser("eval", help="metrics of a checkpoint: reconstruction, generation, codebook, "
+                                     "linear-probe, clip-score, ref-stats",
+                        description="Checkpoint in (zoo package, run directory or step folder), metrics JSON and "
+                                    "PNG plots out. Weights that only exist online (Inception, LPIPS, CLIP) are "
+                                    "read from a path or $VQSCALE_CACHE/weights, never downloaded.")
+    add_eval_arguments(ev)
+
     from cluster.submit import EPILOG as SUBMIT_EPILOG
     from cluster.submit import add_arguments as add_submit_arguments
 
@@ -238,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (PackageError, TokenizeError) as e:
                 print(f"vqscale: error: {e}", file=sys.stderr)
                 return 2
+        if args.verb == "eval":
+            from evals.cli import main_eval
+
+            return main_eval(args)
         if args.verb == "submit":
             from cluster.submit import main_submit
 

@@ -273,3 +273,34 @@ def test_refuses_a_mixture(world):
     with pytest.raises(ValueError, match="one dataset at a time"):
         evaluate_codebook(world["pkg"], f"{world['data']}::0.5,{world['data']}::0.5", device="cpu",
                           progress=False)
+
+
+def test_eval_command_line(world, tmp_path, monkeypatch, capsys):
+    """`vqscale eval codebook|reconstruction|ref-stats` on the same tiny package and data: the JSON
+    files are written, missing LPIPS/Inception weights skip their metrics (reconstruction) or end
+    with a one-line error (ref-stats, which needs them), and a stand-in weights file is used."""
+    from evals.inception import WEIGHTS_FILES, random_state_dict
+    from evals.stats import load_ref_stats
+    from pretrain.cli import main
+
+    monkeypatch.setenv("VQSCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    common = ["--ckpt", world["pkg"], "--data", world["data"], "--batch-size", "8", "--device", "cpu"]
+    assert main(["eval", "codebook", *common, "--out", str(tmp_path / "cb.json")]) == 0
+    cb = json.load(open(tmp_path / "cb.json"))
+    assert cb["codebook"]["images"] == sum(SIZES) and 0 < cb["codebook"]["usage"] <= 1
+    assert '"codebook.perplexity"' in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "cb_histogram.png")
+    assert main(["eval", "reconstruction", *common, "--max-images", "8", "--out", str(tmp_path / "rec.json")]) == 0
+    rec = json.load(open(tmp_path / "rec.json"))
+    assert rec["rfid"] is None and math.isfinite(rec["psnr"]) and rec["protocol"]["num_images"] == 8
+    capsys.readouterr()
+    assert main(["eval", "ref-stats", "--data", world["data"], "--out", str(tmp_path / "ref.npz")]) == 2
+    assert "Inception" in capsys.readouterr().err
+    weights = tmp_path / "cache" / "weights" / WEIGHTS_FILES[0]
+    weights.parent.mkdir(parents=True)
+    torch.save(random_state_dict(0), weights)
+    assert main(["eval", "ref-stats", "--data", world["data"], "--out", str(tmp_path / "ref.npz"),
+                 "--resolution", "32", "--max-images", "4", "--batch-size", "4"]) == 0
+    ref = load_ref_stats(str(tmp_path / "ref.npz"))
+    assert ref["mu"].shape == (2048,) and ref["meta"]["num_images"] == 4

@@ -1,0 +1,152 @@
+"""``vqscale eval ...``: the command line of the evaluation jobs (each imported only when it runs).
+
+Every metric takes ``--ckpt`` (zoo package, run directory or step folder; one resolver) and
+writes ``--out`` (JSON, with its PNG plots next to it). Submitted through ``vqscale submit`` they
+run as separate jobs, a ``--sweep`` over checkpoints making a job array.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+METRICS = ("reconstruction", "generation", "codebook", "linear-probe", "clip-score", "ref-stats")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="metric", metavar="METRIC", required=True)
+
+    def common(q, data: bool = True):
+        q.add_argument("--ckpt", required=True, help="zoo package, run directory or step folder")
+        if data:
+            q.add_argument("--data", required=True, help="image dataset (folder, prefix or URL)")
+        q.add_argument("--out", required=True, help="results JSON path or URL (plots go next to it)")
+        q.add_argument("--batch-size", type=int, default=32)
+        q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    r = sub.add_parser("reconstruction", help="rFID, PSNR, SSIM, LPIPS and codebook health of a tokenizer")
+    common(r)
+    r.add_argument("--inception-weights", default=None,
+                   help="FID Inception weights file (default: $VQSCALE_CACHE/weights; rFID is skipped if absent)")
+    r.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's image size")
+    r.add_argument("--max-images", type=int, default=None)
+
+    c = sub.add_parser("codebook", help="codebook usage, perplexity and dead codes over a whole dataset")
+    common(c)
+    c.add_argument("--resolution", type=int, default=None)
+    c.add_argument("--max-images", type=int, default=None)
+
+    g = sub.add_parser("generation", help="FID, IS, KID, precision/recall of a prior's samples")
+    common(g, data=False)
+    g.add_argument("--ref-stats", default=None, help="reference statistics .npz (ours or the ADM evaluator's)")
+    g.add_argument("--inception-weights", default=None)
+    g.add_argument("--num-samples", type=int, default=50000, help="default 50000 (the published protocol)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--guidance", type=float, default=1.0)
+    g.add_argument("--digits-judge", action="store_true",
+                   help="also score samples with the offline digits classifier (demo data)")
+
+    lp = sub.add_parser("linear-probe", help="top-1 of a linear classifier on each block's features")
+    common(lp)
+    lp.add_argument("--test-data", required=True, help="held-out split (labels from .cls)")
+    lp.add_argument("--max-samples", type=int, default=None)
+
+    cs = sub.add_parser("clip-score", help="CLIP score of a text-conditional prior's samples")
+    common(cs, data=False)
+    cs.add_argument("--prompts", required=True, help="a text file (one prompt per line) or URL")
+    cs.add_argument("--clip-model", default="ViT-B-32")
+    cs.add_argument("--clip-weights", default=None)
+    cs.add_argument("--num-per-prompt", type=int, default=4)
+    cs.add_argument("--seed", type=int, default=0)
+    cs.add_argument("--guidance", type=float, default=1.0)
+
+    rs = sub.add_parser("ref-stats", help="Inception statistics of a dataset for FID (computed once)")
+    rs.add_argument("--data", required=True)
+    rs.add_argument("--out", required=True, help="stats .npz path or URL")
+    rs.add_argument("--inception-weights", default=None)
+    rs.add_argument("--resolution", type=int, default=None, help="centre crop side (default 256)")
+    rs.add_argument("--max-images", type=int, default=None)
+    rs.add_argument("--batch-size", type=int, default=64)
+    rs.add_argument("--device", default=None)
+
+
+def _features(weights: str | None, device, required: bool):
+    from .inception import InceptionWeightsNotFound, load_inception
+
+    try:
+        return load_inception(weights, device=device)
+    except InceptionWeightsNotFound as e:
+        if required or weights:
+            raise
+        print(f"vqscale eval: no Inception weights, FID-type metrics are skipped ({str(e).splitlines()[0]})",
+              file=sys.stderr)
+        return None
+
+
+def main_eval(args) -> int:
+    from .inception import InceptionWeightsNotFound
+
+    try:
+        result = _run(args)
+    except (InceptionWeightsNotFound, FileNotFoundError, ValueError) as e:
+        print(f"vqscale: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(_summary(result), indent=2))
+    return 0
+
+
+def _summary(result: dict) -> dict:
+    """The headline numbers for the console: scalars, and those of the metric blocks one level
+    down (``codebook.usage``); the full result is in the JSON file."""
+    out = {}
+    for k, v in result.items():
+        if isinstance(v, (int, float, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, dict) and k not in ("protocol", "files", "defects"):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float, str))})
+    return out
+
+
+def _run(args) -> dict:
+    m = args.metric
+    if m == "ref-stats":
+        from .inception import compute_ref_stats
+
+        st = compute_ref_stats(args.data, args.out, inception_weights=args.inception_weights,
+                               resolution=args.resolution, max_images=args.max_images,
+                               batch_size=args.batch_size, device=args.device)
+        return {"out": args.out, **st["meta"]}
+    if m == "reconstruction":
+        from .reconstruction import evaluate_reconstruction
+
+        feats = _features(args.inception_weights, args.device, required=False)
+        return evaluate_reconstruction(args.ckpt, args.data, args.out, features=feats, resolution=args.resolution,
+                                       batch_size=args.batch_size, max_images=args.max_images, device=args.device)
+    if m == "codebook":
+        from .codebook import evaluate_codebook
+
+        return evaluate_codebook(args.ckpt, args.data, args.out, resolution=args.resolution,
+                                 batch_size=args.batch_size, max_images=args.max_images, device=args.device)
+    if m == "generation":
+        from .generation import evaluate_generation
+
+        return evaluate_generation(args.ckpt, args.out, num_samples=args.num_samples, ref_stats=args.ref_stats,
+                                   inception_weights=args.inception_weights, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, guidance=args.guidance, seed=args.seed,
+                                   batch_size=args.batch_size, digits_judge=args.digits_judge, device=args.device)
+    if m == "linear-probe":
+        from .probe import evaluate_linear_probe
+
+        return evaluate_linear_probe(args.ckpt, args.data, args.test_data, args.out, max_samples=args.max_samples,
+                                     batch_size=args.batch_size, device=args.device)
+    if m == "clip-score":
+        from .clip_score import evaluate_clip_score
+
+        return evaluate_clip_score(args.ckpt, args.prompts, args.out, num_per_prompt=args.num_per_prompt,
+                                   seed=args.seed, guidance=args.guidance, clip_model=args.clip_model,
+                                   clip_weights=args.clip_weights, batch_size=args.batch_size, device=args.device)
+    raise AssertionError(m)
