@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common(lp)
     lp.add_argument("--test-data", required=True, help="held-out split (labels from .cls)")
     lp.add_argument("--max-samples", type=int, default=None)
+    lp.add_argument("--layers", default=None, help="comma-separated block indices (default: every block)")
+    lp.add_argument("--images-train", default=None, help="image shards for the raw-pixel baseline of a prior")
+    lp.add_argument("--images-test", default=None)
 
     cs = sub.add_parser("clip-score", help="CLIP score of a text-conditional prior's samples")
     common(cs, data=False)
@@ -141,8 +144,10 @@ def _run(args) -> dict:
     if m == "linear-probe":
         from .probe import evaluate_linear_probe
 
-        return evaluate_linear_probe(args.ckpt, args.data, args.test_data, args.out, max_samples=args.max_samples,
-                                     batch_size=args.batch_size, device=args.device)
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+        return evaluate_linear_probe(args.ckpt, args.data, args.test_data, args.out, layers=layers,
+                                     max_samples=args.max_samples, batch_size=args.batch_size, device=args.device,
+                                     images_train=args.images_train, images_test=args.images_test)
     if m == "clip-score":
         from .clip_score import evaluate_clip_score
 

@@ -1,0 +1,132 @@
+"""``evals/clip_score.py``: CLIP score (Hessel et al. 2021) of a text prior's samples.
+
+A small open_clip architecture (the ViT-B-32 config shrunk through ``overrides``: one 64-wide
+layer per tower, 32 px input) with random weights saved to a file and loaded the way a user's real
+CLIP weights are (a path, or the ``$VQSCALE_CACHE/weights`` cache), never downloaded; and a tiny
+random text prior package end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import model_zoo.t2i_prior  # noqa: F401  (registers the preset)
+from evals.clip_score import (CLIPWeightsNotFound, clip_score, clip_weight_candidates, evaluate_clip_score,
+                              load_clip, read_prompts)
+from model_zoo import create_model
+from model_zoo.package import save_package
+from pretrain.sample import grid_shape
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = {"embed_dim": 32,
+         "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
+         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+PROMPTS = ["a red square", "a handwritten digit seven", "a photo of a cat"]
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    """Random weights of the small CLIP, as a safetensors file (the format a user would cache)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None, **SMALL)
+    path = str(tmp_path_factory.mktemp("clip") / "small-clip.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path, model.state_dict()
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_loads_weights_from_a_path_and_scores_deterministically(clip_file):
+    path, state = clip_file
+    clip = load_clip("ViT-B-32", path, overrides=SMALL)
+    for k, v in clip.model.state_dict().items():          # the file's tensors, not a fresh init
+        assert torch.equal(v, state[k]), k
+    assert clip.info["weights"] == path and len(clip.info["sha256"]) == 64
+    images = _images(5)
+    a = clip_score(images, PROMPTS[0], clip.model, clip.preprocess, clip.tokenizer)
+    b = clip_score(images, [PROMPTS[0]] * 5, clip.model, clip.preprocess, clip.tokenizer, batch_size=2)
+    assert a.shape == (5,) and a.dtype == torch.float64
+    assert torch.all((a >= 0) & (a <= 100)) and bool((a > 0).any())   # not all clamped away
+    assert torch.allclose(a, b, atol=1e-4)                 # batching does not change a score
+    # The formula, against open_clip's own embeddings.
+    with torch.no_grad():
+        img = clip.model.encode_image(clip.preprocess(images))
+        txt = clip.model.encode_text(clip.tokenizer([PROMPTS[0]] * 5))
+    ref = 100 * torch.nn.functional.cosine_similarity(img, txt).clamp_min(0)
+    assert torch.allclose(a.float(), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="2 captions for 5 images"):
+        clip_score(images, PROMPTS[:2], clip.model, clip.preprocess, clip.tokenizer)
+
+
+def test_cache_lookup_and_missing_weights_error(clip_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("VQSCALE_CACHE", str(tmp_path / "cache"))
+    cands = clip_weight_candidates("ViT-B-32")
+    assert cands[0] == os.path.join(str(tmp_path / "cache"), "weights", "openclip-vit-b-32.safetensors")
+    with pytest.raises(CLIPWeightsNotFound, match="never downloaded") as e:
+        load_clip("ViT-B-32")
+    assert "openclip-vit-b-32.safetensors" in str(e.value) and isinstance(e.value, FileNotFoundError)
+    with pytest.raises(CLIPWeightsNotFound, match="does not exist"):
+        load_clip("ViT-B-32", str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ValueError, match="bundled"):
+        load_clip("hf-hub:someone/clip")
+    os.makedirs(os.path.dirname(cands[0]))
+    os.symlink(clip_file[0], cands[0])
+    clip = load_clip("ViT-B-32", overrides=SMALL)
+    assert clip.info["weights"] == cands[0]
+
+
+def test_preprocess_resizes_shortest_side_and_crops(clip_file):
+    clip = load_clip("ViT-B-32", clip_file[0], overrides=SMALL)
+    x = clip.preprocess(torch.zeros(2, 3, 48, 64))          # mid-grey, non-square
+    assert x.shape == (2, 3, 32, 32)
+    grey = (torch.full((3,), 128 / 255.0) - clip.preprocess.mean.flatten()) / clip.preprocess.std.flatten()
+    assert torch.allclose(x[0, :, 5, 7], grey, atol=1e-5)
+
+
+def test_read_prompts_from_a_file(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("# captions\na cat\n\n  two dogs  \n")
+    assert read_prompts(str(f)) == ["a cat", "two dogs"]
+    assert read_prompts(["x"]) == ["x"]
+    with pytest.raises(ValueError, match="no prompts"):
+        read_prompts([])
+
+
+def test_end_to_end_on_a_tiny_text_prior(clip_file, tmp_path):
+    torch.manual_seed(0)
+    prior = create_model("t2i-prior-1b-tiny").eval()
+    tok = create_model("vqgan-f8-tiny")                     # 4x4 tokens, 64 codes: the prior's grid
+    pkg = str(tmp_path / "t2i")
+    save_package(prior, pkg, tokenizer=tok)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = str(tmp_path / "res" / "clip.json")
+    kw = dict(num_per_prompt=2, seed=3, guidance=2.0, top_k=16, clip_weights=clip_file[0], clip_overrides=SMALL,
+              device="cpu", progress=False)
+    r = evaluate_clip_score(pkg, str(prompts), out, batch_size=2, **kw)
+    assert r["num_prompts"] == 3 and r["num_images"] == 6 and 0 < r["clip_score"] <= 100
+    assert [p["prompt"] for p in r["per_prompt"]] == PROMPTS
+    assert all(len(p["scores"]) == 2 for p in r["per_prompt"])
+    assert r["protocol"]["clip"]["sha256"] and r["protocol"]["sampling"]["guidance"] == 2.0
+    with open(out) as f:
+        assert json.load(f)["clip_score"] == r["clip_score"]
+    grid = Image.open(r["grid"])
+    assert grid.size[::-1] == grid_shape(6, tok.image_size, tok.image_size, ncol=2)   # one row per prompt
+    # Per-sample seeds: another batch size, the same images and scores.
+    again = evaluate_clip_score(pkg, PROMPTS, None, batch_size=1, **kw)
+    for a, b in zip(again["per_prompt"], r["per_prompt"]):    # conv rounding may differ by batch: ~1e-6
+        assert a["prompt"] == b["prompt"] and a["scores"] == pytest.approx(b["scores"], abs=1e-3)
+    with pytest.raises(ValueError, match="not text-conditional"):
+        vim = create_model("vim-small-tiny", codebook_size=64, grid_size=(4, 4))
+        save_package(vim, str(tmp_path / "vim"), tokenizer=tok)
+        evaluate_clip_score(str(tmp_path / "vim"), PROMPTS, None, **kw)
