@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = sub.add_parser("generation", help="FID, IS, KID, precision/recall of a prior's samples")
     common(g, data=False)
     g.add_argument("--ref-stats", default=None, help="reference statistics .npz (ours or the ADM evaluator's)")
+    g.add_argument("--ref-features", default=None, help="reference pool features .npz (`pool`): adds KID, precision/recall")
     g.add_argument("--inception-weights", default=None)
     g.add_argument("--num-samples", type=int, default=50000, help="default 50000 (the published protocol)")
     g.add_argument("--seed", type=int, default=0)
@@ -138,6 +139,7 @@ def _run(args) -> dict:
         from .generation import evaluate_generation
 
         return evaluate_generation(args.ckpt, args.out, num_samples=args.num_samples, ref_stats=args.ref_stats,
+                                   ref_features=args.ref_features,
                                    inception_weights=args.inception_weights, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, guidance=args.guidance, seed=args.seed,
                                    batch_size=args.batch_size, digits_judge=args.digits_judge, device=args.device)

@@ -420,8 +420,13 @@ def run_tokenize(tokenizer: str, data: str, out: str, batch_size: int = 64, reso
         if device == "cuda":
             device = f"cuda:{env.local_rank}"
             torch.cuda.set_device(device)
-        return _run(env, tokenizer, data, out, batch_size, resolution, device, text_encoder, limit_shards,
-                    decode_threads, progress and env.rank == 0, retries, tqdm)
+        result = _run(env, tokenizer, data, out, batch_size, resolution, device, text_encoder, limit_shards,
+                      decode_threads, progress and env.rank == 0, retries, tqdm)
+        if env.owns_group and env.world_size > 1:
+            # The last collective (an object broadcast) can return on the sender before the peers
+            # are done with it; tearing gloo down then aborted a rank at exit in a loaded CI run.
+            torch.distributed.barrier()
+        return result
     finally:
         if env.owns_group:
             torch.distributed.destroy_process_group()
