@@ -136,13 +136,17 @@ def codes(tmp_path_factory):
     return make_codes(str(tmp_path_factory.mktemp("cluster") / "codes"))
 
 
+def _reference_run(codes: str, factory, nproc: int, steps: int) -> tuple[str, list[str]]:
+    sets = _prior_sets(codes, steps=steps, every=4)
+    ref = str(factory.mktemp(f"ref{nproc}") / "run")
+    _torchrun_train(ref, sets, nproc=nproc)
+    return ref, sets
+
+
 @pytest.fixture(scope="module")
 def two_rank_reference(codes, tmp_path_factory):
     """The torchrun run the local-cluster jobs are compared with: 2 processes, 16 steps."""
-    sets = _prior_sets(codes, steps=16, every=4)
-    ref = str(tmp_path_factory.mktemp("ref2") / "run")
-    _torchrun_train(ref, sets, nproc=2)
-    return ref, sets
+    return _reference_run(codes, tmp_path_factory, nproc=2, steps=16)
 
 
 @pytest.mark.multiprocess
@@ -217,10 +221,7 @@ def _submit_slurm(cluster, run: str, sets: list[str], *extra: str, wait: bool = 
 @pytest.fixture(scope="module")
 def four_rank_reference(codes, tmp_path_factory):
     """The torchrun run every Slurm job is compared with: 4 processes, 24 steps."""
-    sets = _prior_sets(codes, steps=24, every=4)
-    ref = str(tmp_path_factory.mktemp("ref4") / "run")
-    _torchrun_train(ref, sets, nproc=4)
-    return ref, sets
+    return _reference_run(codes, tmp_path_factory, nproc=4, steps=24)
 
 
 @pytest.mark.multiprocess

@@ -92,7 +92,7 @@ def test_two_processes_match_one_process(prior_pkg, tmp_path, no_inception):
     assert one.indices.tolist() == list(range(N)) and one.codes.shape == (N, 64)
     seen = set()
     for r in range(2):
-        part = torch.load(tmp_path / f"rank{r}.pt")
+        part = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         assert part["indices"].tolist() == list(range(r, N, 2))
         for i, codes, label in zip(part["indices"].tolist(), part["codes"], part["labels"].tolist()):
             assert torch.equal(codes, one.codes[i]) and label == one.labels[i] == i % 10, i
