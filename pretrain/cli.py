@@ -211,7 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "demo":
             from .demo import run_demo
 
-            run_demo(quick=args.quick, overrides=args.overrides, data=args.data)
+            result = run_demo(quick=args.quick, overrides=args.overrides, data=args.data)
+            from data_pipeline import storage
+            from evals.offline import demo_metrics
+
+            c = result["config"]
+            metrics = demo_metrics(result, guidance=c["guidance_scale"], temperature=c["temperature"], seed=c["seed"])
+            result["evals"] = metrics
+            storage.write_json(storage.join(result["run_dir"], "demo_summary.json"), result)
+            print("[demo] offline metrics (no downloaded weights; JSON and plots in "
+                  f"{metrics['files']}):\n" + json.dumps(metrics, indent=2), flush=True)
             return 0
         if args.verb == "data":
             return _data(args)

@@ -7,6 +7,9 @@
 4. train a tiny class-conditional VIM (recipe ``vim-small-tiny``) in ``RUN/prior``;
 5. sample a class-conditional grid (one row per class) into ``RUN/samples/demo_grid.png``.
 
+The ``vqscale demo`` command then runs the offline metrics of :mod:`evals.offline` on the result
+(pretrain does not import evals).
+
 Every stage is resumable, so a second run resumes rather than redoes: the dataset is kept when
 its manifest exists, a training stage whose latest checkpoint is at its last step is skipped
 (an interrupted one resumes from its latest checkpoint), the tokenize job skips finished shards.
@@ -177,7 +180,8 @@ def run_demo(quick: bool = False, overrides: Sequence[str] = (), data: str | Non
     result = {
         "run_dir": run, "quick": quick,
         "data": {"train": train_url, "holdout": val_url, "samples": summary["samples"]},
-        "tokenizer": _final(tok_res, tok_dir), "codes": codes, "prior": _final(prior_res, prior_dir),
+        "tokenizer": _final(tok_res, tok_dir), "codes": codes, "codes_holdout": codes_val,
+        "prior": _final(prior_res, prior_dir),
         "grid": grid_url, "classes": CLASS_NAMES,
         "tensorboard": f"tensorboard --logdir {run}",
         "seconds": {k: round(v, 1) for k, v in timings.items()}, "wall_s": round(time.time() - t0, 1),
@@ -186,5 +190,6 @@ def run_demo(quick: bool = False, overrides: Sequence[str] = (), data: str | Non
     print("[demo] summary:\n" + json.dumps(result, indent=2), flush=True)
     print(f"[demo] run directory: {run}\n[demo] TensorBoard:   tensorboard --logdir {run}\n"
           f"[demo] sample grid:   {grid_url} (one row per class: {', '.join(CLASS_NAMES)})", flush=True)
+    result["config"] = {"guidance_scale": cfg.guidance_scale, "temperature": cfg.temperature, "seed": cfg.seed}
     return result
 

@@ -361,7 +361,7 @@ PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINI
 
     def release(self, job_id: int | str) -> None:
         """Start a requeued job now: Slurm otherwise holds it PENDING (BeginTime) for ~120 s."""
-        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)   # racing a state change is fine: callers retry
 
     def log_tails(self, n: int = 30) -> str:
         parts = []

@@ -274,14 +274,16 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm, four_rank_refe
     job._interrupt()                    # submitit's pre-emption: SIGTERM, then USR2, to every task
     interrupted_at = _steps_done(run)
     assert interrupted_at < 24
-    requeued = False
+    requeued, released_at = False, 0.0
+    deadline = time.time() + 600
     while True:
         assert time.time() < deadline, slurm.log_tails()
         state = slurm.job_state(job.job_id)
         st = json.load(open(os.path.join(run, "status.json")))
-        if state == "PENDING" and st.get("requeues") == 1 and not requeued:
-            slurm.release(job.job_id)          # a requeued job waits 120 s (BeginTime) otherwise
-            requeued = True
+        if state == "PENDING" and st.get("requeues") == 1 and time.time() - released_at > 5:
+            # a requeued job waits 120 s (BeginTime) otherwise; again if a release came too early
+            slurm.release(job.job_id)
+            requeued, released_at = True, time.time()
         if state in ENDED:
             break
         time.sleep(0.5)

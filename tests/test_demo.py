@@ -48,6 +48,15 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     # the grid: one row of 8 samples per class (20 classes) at 32 px
     grid = Image.open(run / "samples" / "demo_grid.png")
     assert grid.size == (8 * 34 + 2, 20 * 34 + 2)
+    # the offline metrics it ends with: the digits judge recognises the requested digit well above
+    # chance (10%), the probe and pixel baseline ran, JSON and plots are written
+    ev = summary["evals"]
+    assert ev["digits_class_accuracy"] > 0.2 and ev["digits_fid"] > 0, ev
+    assert ev["holdout_psnr"] > 15 and 0 < ev["codebook_usage"] <= 1 and ev["probe_pixel_baseline"] > 0.5, ev
+    for name in ("generation.json", "generation_grid.png", "reconstruction.json", "linear_probe.json",
+                 "linear_probe.png"):
+        assert (run / "evals" / name).exists(), name
+    assert "[demo] offline metrics" in first.stdout
     # a second run resumes rather than redoes
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-5000:]
@@ -55,3 +64,4 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     again = json.loads((run / "demo_summary.json").read_text())
     assert not again["tokenizer"]["trained_now"] and not again["prior"]["trained_now"]
     assert again["seconds"]["tokenizer"] < 10 and again["seconds"]["prior"] < 10
+    assert again["evals"] == ev                                       # nothing retrained: results reused

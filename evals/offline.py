@@ -1,0 +1,57 @@
+"""The offline metrics ``vqscale demo`` ends with: quality numbers that need no downloaded weights.
+
+- generation: class-conditional samples of the demo prior scored by the digits judge
+  (:mod:`evals.digits`): the fraction classified as the digit they were asked for (chance: 10%)
+  and a Fréchet distance in the judge's feature space against real held-out digits;
+- reconstruction: PSNR, SSIM and codebook health of the demo tokenizer on the held-out split
+  (LPIPS and rFID only where their weights are in the cache);
+- linear probe: top-1 of a linear classifier on each block of the prior (the VIM protocol) next
+  to the raw-pixel baseline.
+
+Each writes its JSON and plots under ``RUN/evals/``; the headline numbers are returned for the
+demo summary. The demo module (pretrain) does not import evals; the ``vqscale`` command calls
+this after the demo.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from data_pipeline import storage
+
+
+def demo_metrics(result: dict[str, Any], guidance: float, temperature: float, seed: int = 0,
+                 samples_per_digit: int = 10, progress: bool = False) -> dict[str, Any]:
+    from .generation import evaluate_generation
+    from .probe import evaluate_linear_probe
+    from .reconstruction import evaluate_reconstruction
+
+    run = result["run_dir"]
+    out = storage.join(run, "evals")
+    files = [storage.join(out, f"{name}.json") for name in ("generation", "reconstruction", "linear_probe")]
+    if not (result["tokenizer"]["trained_now"] or result["prior"]["trained_now"]) and all(map(storage.exists, files)):
+        # nothing was retrained: the results of the last run still describe these checkpoints
+        return _headline(*(storage.read_json(f) for f in files), out)
+    gen = evaluate_generation(result["prior"]["run_dir"], storage.join(out, "generation.json"),
+                              num_samples=10 * samples_per_digit, class_labels=list(range(10)),
+                              guidance=guidance, temperature=temperature, seed=seed, digits_judge=True,
+                              batch_size=50, device="cpu", progress=progress)
+    rec = evaluate_reconstruction(result["tokenizer"]["run_dir"], result["data"]["holdout"],
+                                  storage.join(out, "reconstruction.json"), features=None, device="cpu",
+                                  progress=progress)
+    probe = evaluate_linear_probe(result["prior"]["run_dir"], result["codes"], result["codes_holdout"],
+                                  storage.join(out, "linear_probe.json"), images_train=result["data"]["train"],
+                                  images_test=result["data"]["holdout"], device="cpu", progress=progress,
+                                  weight_decays=(1e-3,))   # one decay, not a sweep: minutes saved on a CPU
+    return _headline(gen, rec, probe, out)
+
+
+def _headline(gen: dict, rec: dict, probe: dict, out: str) -> dict[str, Any]:
+    cb = rec.get("codebook") or {}
+    return {
+        "digits_class_accuracy": gen.get("class_accuracy"), "digits_fid": gen.get("digits_fid"),
+        "holdout_psnr": rec.get("psnr"), "holdout_ssim": rec.get("ssim"),
+        "codebook_usage": cb.get("usage"), "codebook_perplexity": cb.get("perplexity"),
+        "probe_best_layer": probe.get("best_layer"), "probe_best_top1": probe.get("best_top1"),
+        "probe_pixel_baseline": (probe.get("pixel_baseline") or {}).get("top1"), "files": out,
+    }
