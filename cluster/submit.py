@@ -297,14 +297,6 @@ def describe(plan: Plan) -> dict:
 
 
 # ---- submitting ------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def executor_for(plan: Plan):
     import submitit
 
@@ -328,7 +320,9 @@ def submit_plan(plan: Plan, max_requeues: int) -> list:
     from .job import VerbJob
 
     ex = executor_for(plan)
-    port = _free_port() if plan.cluster == "local" else None
+    from pretrain.distributed import free_port
+
+    port = free_port() if plan.cluster == "local" else None
     jobs_args = [VerbJob(argv=t.argv, status_dir=t.status_dir, max_requeues=max_requeues, master_port=port)
                  for t in plan.tasks]
     if len(jobs_args) == 1:

@@ -48,6 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--guidance", type=float, default=1.0)
+    g.add_argument("--class-labels", default="balanced", metavar="SPEC",
+                   help="class-conditional priors: 'balanced' (sample i gets class i %% C, the default), "
+                        "a list and ranges ('0-9', '1,4,7'; sample i gets the (i %% n)-th) or -1 (unconditional)")
+    g.add_argument("--prompts", default=None,
+                   help="text-conditional priors: a text file (one prompt per line) or URL; sample i gets "
+                        "prompt i %% n (default: the empty caption)")
     g.add_argument("--digits-judge", action="store_true",
                    help="also score samples with the offline digits classifier (demo data)")
 
@@ -63,7 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common(cs, data=False)
     cs.add_argument("--prompts", required=True, help="a text file (one prompt per line) or URL")
     cs.add_argument("--clip-model", default="ViT-B-32")
-    cs.add_argument("--clip-weights", default=None)
+    cs.add_argument("--clip-weights", default=None,
+                    help="open_clip weights file or URL (default: $VQSCALE_CACHE/weights/MODEL.safetensors|.bin|.pt)")
+    cs.add_argument("--clip-overrides", default=None, metavar="JSON",
+                    help="a custom architecture: top-level config fields (embed_dim, vision_cfg, text_cfg) replacing "
+                         "the bundled ones, as JSON text or a .json file")
     cs.add_argument("--num-per-prompt", type=int, default=4)
     cs.add_argument("--seed", type=int, default=0)
     cs.add_argument("--guidance", type=float, default=1.0)
@@ -78,13 +88,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rs.add_argument("--device", default=None)
 
 
-def _features(weights: str | None, device, required: bool):
+def parse_class_labels(spec: str):
+    """``balanced`` -> None; ``0-9,12`` -> [0, ..., 9, 12]; ``-1`` -> [-1] (unconditional)."""
+    spec = spec.strip()
+    if spec == "balanced":
+        return None
+    labels: list[int] = []
+    try:
+        for part in spec.split(","):
+            a, sep, b = part.strip().partition("-") if not part.strip().startswith("-") else (part.strip(), "", "")
+            labels += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+    except ValueError:
+        raise ValueError(f"--class-labels {spec!r}: expected 'balanced', -1 or integers and ranges like 0-9,12") from None
+    if not labels:
+        raise ValueError(f"--class-labels {spec!r} names no class")
+    return labels
+
+
+def _features(weights: str | None, device):
     from .inception import InceptionWeightsNotFound, load_inception
 
     try:
         return load_inception(weights, device=device)
     except InceptionWeightsNotFound as e:
-        if required or weights:
+        if weights:                     # a file the user named must exist
             raise
         print(f"vqscale eval: no Inception weights, FID-type metrics are skipped ({str(e).splitlines()[0]})",
               file=sys.stderr)
@@ -127,7 +154,7 @@ def _run(args) -> dict:
     if m == "reconstruction":
         from .reconstruction import evaluate_reconstruction
 
-        feats = _features(args.inception_weights, args.device, required=False)
+        feats = _features(args.inception_weights, args.device)
         return evaluate_reconstruction(args.ckpt, args.data, args.out, features=feats, resolution=args.resolution,
                                        batch_size=args.batch_size, max_images=args.max_images, device=args.device)
     if m == "codebook":
@@ -136,13 +163,17 @@ def _run(args) -> dict:
         return evaluate_codebook(args.ckpt, args.data, args.out, resolution=args.resolution,
                                  batch_size=args.batch_size, max_images=args.max_images, device=args.device)
     if m == "generation":
+        from .clip_score import read_prompts
         from .generation import evaluate_generation
 
+        prompts = read_prompts(args.prompts) if args.prompts else None
         return evaluate_generation(args.ckpt, args.out, num_samples=args.num_samples, ref_stats=args.ref_stats,
                                    ref_features=args.ref_features,
                                    inception_weights=args.inception_weights, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, guidance=args.guidance, seed=args.seed,
-                                   batch_size=args.batch_size, digits_judge=args.digits_judge, device=args.device)
+                                   batch_size=args.batch_size, digits_judge=args.digits_judge,
+                                   class_labels=parse_class_labels(args.class_labels), prompts=prompts,
+                                   device=args.device)
     if m == "linear-probe":
         from .probe import evaluate_linear_probe
 
@@ -153,7 +184,14 @@ def _run(args) -> dict:
     if m == "clip-score":
         from .clip_score import evaluate_clip_score
 
+        overrides = None
+        if args.clip_overrides:
+            from data_pipeline import storage
+
+            text = args.clip_overrides
+            overrides = json.loads(storage.read_text(text) if text.endswith(".json") else text)
         return evaluate_clip_score(args.ckpt, args.prompts, args.out, num_per_prompt=args.num_per_prompt,
                                    seed=args.seed, guidance=args.guidance, clip_model=args.clip_model,
-                                   clip_weights=args.clip_weights, batch_size=args.batch_size, device=args.device)
+                                   clip_weights=args.clip_weights, clip_overrides=overrides,
+                                   batch_size=args.batch_size, device=args.device)
     raise AssertionError(m)

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 
 from data_pipeline import storage
 
+from .report import sibling_url, write_result
+
 __all__ = ["CLIP_SCALE", "CLIPWeightsNotFound", "LoadedCLIP", "TensorPreprocess", "clip_weight_candidates",
            "load_clip", "clip_score", "read_prompts", "evaluate_clip_score"]
 
@@ -258,11 +260,9 @@ def evaluate_clip_score(ckpt: str, prompts: str | Sequence[str], out_url: str | 
     }
     if not math.isfinite(result["clip_score"]):
         raise RuntimeError("CLIP score is not finite (NaN weights or images?)")
-    if out_url is not None:
-        png = (out_url[:-5] if out_url.endswith(".json") else out_url) + ".png"
-        save_grid(torch.cat(grid), png, ncol=num_per_prompt)
-        result["grid"] = png
     result["seconds"] = round(time.perf_counter() - t0, 3)
     if out_url is not None:
-        storage.write_json(out_url, result)
+        png = sibling_url(out_url, ".png")
+        save_grid(torch.cat(grid), png, ncol=num_per_prompt)
+        write_result(result, out_url, {"grid": png}, url)
     return result

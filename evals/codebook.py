@@ -34,8 +34,9 @@ import torch
 from data_pipeline import storage
 
 from .plots import new_figure, save_figure
+from .report import sibling_url, write_result
 
-__all__ = ["CodebookStats", "plot_histogram", "load_tokenizer", "TokenStream", "sibling_url",
+__all__ = ["CodebookStats", "plot_histogram", "load_tokenizer", "TokenStream", 
            "evaluate_codebook", "default_device"]
 
 TOP_K = (1, 10, 100)
@@ -166,30 +167,19 @@ class TokenStream:
     def __init__(self, tokenizer, data_url: str, resolution: int | None = None, batch_size: int = 32,
                  max_images: int | None = None, device=None, num_workers: int | None = None,
                  progress: bool = True, desc: str = "eval"):
-        from data_pipeline.config import DataConfig
-        from data_pipeline.sources import open_sources
+        from .passes import fixed_pass
 
         if max_images is not None and max_images < 1:
             raise ValueError(f"max_images must be at least 1, got {max_images}")
-        sources = open_sources(data_url)
-        if len(sources) != 1:
-            raise ValueError(f"evaluate one dataset at a time, got a mixture of {len(sources)}: {data_url}")
-        self.source = sources[0]
         self.tokenizer = tokenizer
         self.data_url = data_url
         self.resolution = int(resolution or tokenizer.image_size)
         self.batch_size = int(batch_size)
         self.max_images = max_images
         self.device = default_device(device)
-        # More readers than shards is an error in the loader; two workers overlap decoding with
-        # the model, which is all an evaluation needs.
-        shards = len(self.source.shards)
-        self.num_workers = min(DataConfig().num_workers, shards) if num_workers is None else num_workers
         self.progress, self.desc = progress, desc
-        # shuffle_buffer=1 and interleave=1: each reader goes through its shards one at a time in
-        # tar order, so the pass (and any max_images subset) is the same on every run.
-        self.config = DataConfig(url=data_url, resolution=self.resolution, crop="center",
-                                 shuffle_buffer=1, interleave=1, num_workers=self.num_workers)
+        self.loader, self.source, self.num_workers = fixed_pass(data_url, self.resolution, self.batch_size,
+                                                                num_workers, self.device)
         self.images = 0
         self.defects: dict[str, Any] = {}
         self.seconds = 0.0
@@ -203,10 +193,7 @@ class TokenStream:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
         from tqdm import tqdm
 
-        from data_pipeline.images import image_loader
-
-        loader = image_loader(self.config, self.batch_size, seed=0, rank=0, world_size=1, max_epochs=1,
-                              device=self.device, num_workers=self.num_workers, crop="center")
+        loader = self.loader
         total = self.source.total_samples
         if self.max_images is not None:
             total = self.max_images if total is None else min(total, self.max_images)
@@ -230,12 +217,6 @@ class TokenStream:
             it.close()   # shuts the loader's workers down now, also when max_images stops early
             self.defects = loader.defects.summary()
             self.seconds = time.perf_counter() - start
-
-
-def sibling_url(out_url: str, suffix: str) -> str:
-    """``.../results.json`` -> ``.../results{suffix}``: files written next to the JSON."""
-    stem = out_url[:-5] if out_url.endswith(".json") else out_url
-    return stem + suffix
 
 
 def evaluate_codebook(ckpt: str, data_url: str, out_url: str | None = None, resolution: int | None = None,
@@ -262,6 +243,5 @@ def evaluate_codebook(ckpt: str, data_url: str, out_url: str | None = None, reso
     if out_url is not None:
         png = sibling_url(out_url, "_histogram.png")
         plot_histogram(stats.counts, png, title=identity["name"])
-        result["files"] = {"histogram": png}
-        storage.write_json(out_url, result)
+        write_result(result, out_url, {"histogram": png}, identity["package"])
     return result

@@ -42,9 +42,9 @@ from model_zoo.sampling import SamplingConfig, sample_seeds
 from pretrain.distributed import detect_env, init_distributed
 from pretrain.sample import save_grid, text_encoder_of
 
-from .codebook import sibling_url
 from .digits import NUM_DIGITS, load_digits_judge, real_digits
 from .inception import RESIZE, to_uint8
+from .report import sibling_url, write_result
 from .stats import feature_stats, frechet_distance, inception_score, kid, load_ref_stats, precision_recall
 
 __all__ = ["Shard", "rank_indices", "resolve_labels", "generate_sharded", "gather_to_rank0", "evaluate_generation"]
@@ -388,9 +388,9 @@ def evaluate_generation(ckpt: str, out_url: str | None = None, num_samples: int 
         if out_url is not None:
             shown = sorted(((int(i), img) for p in parts for ids, imgs in p["grid"] for i, img in zip(ids, imgs)),
                            key=lambda t: t[0])
-            result["files"] = {"json": out_url, "grid": sibling_url(out_url, "_grid.png")}
-            save_grid(torch.stack([img for _, img in shown]).float().div(127.5).sub(1.0), result["files"]["grid"])
-            storage.write_json(out_url, result)
+            grid_url = sibling_url(out_url, "_grid.png")
+            save_grid(torch.stack([img for _, img in shown]).float().div(127.5).sub(1.0), grid_url)
+            write_result(result, out_url, {"grid": grid_url}, identity["package"])
     if world > 1:
         box = [result]
         torch.distributed.broadcast_object_list(box, src=0)   # every rank returns rank 0's result

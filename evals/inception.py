@@ -249,21 +249,16 @@ def compute_ref_stats(data_url: str, out_url: str, inception_weights: str | None
     ``sigma`` and metadata to ``out_url`` (:func:`evals.stats.save_ref_stats`) and returns them
     as :func:`evals.stats.load_ref_stats` would."""
     from data_pipeline.config import DataConfig
-    from data_pipeline.images import image_loader
-    from data_pipeline.sources import open_sources
 
+    from .passes import fixed_pass
     from .stats import feature_stats, save_ref_stats
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_inception(inception_weights, device=device)   # before streaming: fail fast
     resolution = int(resolution or DataConfig.resolution)
-    sources = open_sources(data_url)
-    workers = max(0, min([num_workers] + [len(s.shards) for s in sources]))
-    total = sources[0].total_samples if len(sources) == 1 else None
-    cfg = DataConfig(url=data_url, resolution=resolution, crop="center", num_workers=workers,
-                     shuffle_buffer=1, interleave=1)
-    loader = image_loader(cfg, batch_size, rank=0, world_size=1, max_epochs=1, crop="center",
-                          to_float=False)   # uint8 straight to the network: no float round trip
+    # uint8 straight to the network: no float round trip
+    loader, source, _ = fixed_pass(data_url, resolution, batch_size, num_workers, to_float=False)
+    total = source.total_samples
     feats = extract(loader, model, device, progress=progress, total=total, max_images=max_images)
     n = feats["pool"].shape[0]
     if n < 2:

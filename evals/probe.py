@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from data_pipeline import storage
 
 from .linear_probe import DEFAULT_WEIGHT_DECAYS, fit_linear_probe, plot_probe
+from .report import sibling_url, write_result
 
 log = logging.getLogger("vqscale.evals.probe")
 
@@ -59,10 +60,6 @@ PIXEL_SIZE = 16
 
 def _device(device=None) -> torch.device:
     return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _png_url(out_url: str) -> str:
-    return (out_url[:-5] if out_url.endswith(".json") else out_url) + ".png"
 
 
 # ------------------------------------------------------------------------------------ features
@@ -104,16 +101,6 @@ def tokenizer_features(tokenizer, images: torch.Tensor, blocks: Sequence[int] = 
 
 # ------------------------------------------------------------------------------------- streams
 
-def _workers(url: str, num_workers: int | None) -> int:
-    from data_pipeline.sources import open_sources
-
-    sources = open_sources(url)
-    if len(sources) != 1:
-        raise ValueError(f"probe one dataset per split, got a mixture of {len(sources)}: {url}")
-    # More readers than shards is an error in the loader.
-    return min(2 if num_workers is None else num_workers, len(sources[0].shards))
-
-
 def _limited(batches, max_samples: int | None, desc: str, progress: bool) -> Iterator[dict[str, Any]]:
     from tqdm import tqdm
 
@@ -151,14 +138,9 @@ def stream_images(url: str, resolution: int, batch_size: int, max_samples: int |
                   num_workers: int | None = None, progress: bool = False) -> Iterator[dict[str, Any]]:
     """One pass over an image dataset in a fixed order, center-cropped to ``resolution``; batches
     hold float ``[-1, 1]`` images on ``device`` and labels."""
-    from data_pipeline.config import DataConfig
-    from data_pipeline.images import image_loader
+    from .passes import fixed_pass
 
-    workers = _workers(url, num_workers)
-    cfg = DataConfig(url=url, resolution=int(resolution), crop="center", shuffle_buffer=1, interleave=1,
-                     num_workers=workers)
-    loader = image_loader(cfg, batch_size, seed=0, rank=0, world_size=1, max_epochs=1, device=device,
-                          num_workers=workers, crop="center")
+    loader, _, _ = fixed_pass(url, resolution, batch_size, num_workers, device)
     yield from _limited(loader, max_samples, f"images {storage.basename(url.rstrip('/'))}", progress)
 
 
@@ -365,7 +347,6 @@ def evaluate_linear_probe(ckpt: str, train_url: str, test_url: str, out_url: str
         title = f"linear probe: {identity['name']}"
         if pixel is not None:
             title += f" (pixels {100 * pixel['top1']:.1f}%)"
-        plot_probe(scores, _png_url(out_url), title=title)
-        result["plot"] = _png_url(out_url)
-        storage.write_json(out_url, result)
+        plot_probe(scores, sibling_url(out_url, ".png"), title=title)
+        write_result(result, out_url, {"plot": sibling_url(out_url, ".png")}, identity["package"])
     return result

@@ -40,9 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline import storage
-
-from .codebook import CodebookStats, TokenStream, default_device, load_tokenizer, plot_histogram, sibling_url
+from .codebook import CodebookStats, TokenStream, default_device, load_tokenizer, plot_histogram
+from .report import sibling_url, write_result
 
 __all__ = ["PSNR_MAX_DB", "psnr", "ssim", "FeatureMoments", "evaluate_reconstruction"]
 
@@ -260,6 +259,5 @@ def evaluate_reconstruction(ckpt: str, data_url: str, out_url: str | None = None
                 rows += [real_s[i:i + cols], recon_s[i:i + cols]]
             files["grid"] = sibling_url(out_url, "_grid.png")
             save_grid(torch.cat(rows), files["grid"], ncol=cols)
-        result["files"] = files
-        storage.write_json(out_url, result)
+        write_result(result, out_url, files, identity["package"])
     return result

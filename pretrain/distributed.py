@@ -32,7 +32,7 @@ log = logging.getLogger("vqscale.dist")
 
 __all__ = ["DistEnv", "detect_env", "expand_nodelist", "slurm_master_port", "init_distributed",
            "destroy_distributed", "setup_rank_logging", "StopFlag", "process_stop_flag", "seed_for", "barrier",
-           "resolve_master_addr"]
+           "resolve_master_addr", "free_port"]
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def resolve_master_addr(host: str) -> str:
 
 
 # ---- process group -------------------------------------------------------------------------------
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -198,7 +198,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
         return _STARTED                 # (the variables exported below would now read as torchrun's)
     env = detect_env()
     if env.source == "single":
-        env = DistEnv(master_port=int(os.environ.get("MASTER_PORT") or _free_port()))
+        env = DistEnv(master_port=int(os.environ.get("MASTER_PORT") or free_port()))
     elif env.source == "slurm":
         env = dataclasses.replace(env, master_addr=resolve_master_addr(env.master_addr))
     os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),

@@ -23,6 +23,11 @@ import sys
 import tempfile
 import time
 
+try:
+    from tests.s3server import free_ports
+except ImportError:          # run as a script: tests/ itself is on sys.path
+    from s3server import free_ports
+
 __all__ = ["SlurmCluster", "SlurmUnavailable", "ensure_slurm_installed", "PACKAGES"]
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
@@ -70,19 +75,6 @@ def ensure_slurm_installed() -> None:
     missing = [b for b in BINARIES if not shutil.which(b)]
     if missing:
         raise SlurmUnavailable(f"installed {' '.join(PACKAGES)} but still missing: {missing}")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)  # all held at once so none repeats
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _tail(path: str, n: int = 40) -> str:
@@ -164,7 +156,7 @@ class SlurmCluster:
             os.makedirs(os.path.join(r, "spool", n), exist_ok=True)
         os.chmod(os.path.join(r, "munge"), 0o755)  # the socket must be reachable by every job user
         self.munge_socket = os.path.join(r, "munge", "munge.socket")
-        ctld_port, *node_ports = _free_ports(1 + len(self.node_names))
+        ctld_port, *node_ports = free_ports(1 + len(self.node_names))
         nodes = "\n".join(
             f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={p} "
             f"CPUs={self.cpus_per_node} RealMemory={self.memory_mb} State=UNKNOWN"
@@ -355,8 +347,9 @@ PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINI
             if state in wanted:
                 return state
             if time.monotonic() > deadline:
+                job = self.run("scontrol", "show", "job", str(job_id), check=False).stdout
                 raise TimeoutError(f"job {job_id} is {state}, not one of {sorted(map(str, wanted))}, "
-                                   f"after {timeout} s")
+                                   f"after {timeout} s\n{job}\n{self.log_tails(20)}")
             time.sleep(0.2)
 
     def release(self, job_id: int | str) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from pretrain.demo import DemoConfig
@@ -16,13 +17,22 @@ from pretrain.demo import DemoConfig
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.multiprocess
-def test_demo_quick_end_to_end_and_resume(tmp_path):
-    env = {**os.environ, "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "pretrain.cli", "demo", "--quick"]
-    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+_ENV = {**os.environ, "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "DS_ACCELERATOR": "cpu"}
+_CMD = [sys.executable, "-m", "pretrain.cli", "demo", "--quick"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The quick demo, run once for this module: (its working directory, the first run's output)."""
+    cwd = tmp_path_factory.mktemp("demo")
+    first = subprocess.run(_CMD, cwd=cwd, env=_ENV, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-5000:]
+    return cwd, first
+
+
+@pytest.mark.multiprocess
+def test_demo_quick_end_to_end_and_resume(demo):
+    tmp_path, first = demo
     run = tmp_path / "runs" / "demo"
     summary = json.loads((run / "demo_summary.json").read_text())
     assert "[demo] sample grid:" in first.stdout and "tensorboard --logdir runs/demo" in first.stdout
@@ -58,10 +68,99 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
         assert (run / "evals" / name).exists(), name
     assert "[demo] offline metrics" in first.stdout
     # a second run resumes rather than redoes
-    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(_CMD, cwd=tmp_path, env=_ENV, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-5000:]
     assert second.stdout.count("not trained again") == 2
     again = json.loads((run / "demo_summary.json").read_text())
     assert not again["tokenizer"]["trained_now"] and not again["prior"]["trained_now"]
     assert again["seconds"]["tokenizer"] < 10 and again["seconds"]["prior"] < 10
     assert again["evals"] == ev                                       # nothing retrained: results reused
+
+
+def _scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.multiprocess
+def test_every_eval_runs_on_the_demo_checkpoints(demo, tmp_path, capsys, monkeypatch):
+    """`vqscale eval ...` on the demo run's checkpoints (run directories and a step folder): JSON,
+    plots and TensorBoard scalars at the checkpoints' steps. FID with an Inception network of random
+    weights loaded from a file (the path real weights take; no download here); LPIPS and rFID,
+    whose weights are not in the (empty) cache, are skipped with notes."""
+    from evals.inception import random_state_dict
+    from pretrain.cli import main
+
+    run = demo[0] / "runs" / "demo"
+    monkeypatch.setenv("VQSCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    ev = tmp_path / "ev"
+    steps = DemoConfig().quick_tokenizer_steps, DemoConfig().quick_prior_steps
+
+    def vq_eval(metric: str, *args: str) -> dict:
+        rc = main(["eval", metric, *args, "--device", "cpu", "--out", str(ev / f"{metric}.json")]
+                  if metric != "ref-stats" else ["eval", metric, *args, "--device", "cpu"])
+        out = capsys.readouterr()
+        assert rc == 0, out.err[-3000:]
+        return json.load(open(ev / f"{metric}.json")) if metric != "ref-stats" else {}
+
+    rec = vq_eval("reconstruction", "--ckpt", str(run / "tokenizer"), "--data", str(run / "data-holdout"))
+    assert rec["step"] == steps[0] and rec["psnr"] > 15 and rec["lpips"] is None and rec["rfid"] is None
+    assert os.path.exists(rec["files"]["grid"]) and os.path.exists(rec["files"]["codebook_histogram"])
+    early = sorted(d for d in os.listdir(run / "tokenizer" / "checkpoints") if d.startswith("step_"))[0]   # not the latest
+    cb = vq_eval("codebook", "--ckpt", str(run / "tokenizer" / "checkpoints" / early), "--data", str(run / "data"))
+    assert cb["step"] == int(early.split("_")[1]) < steps[0] and os.path.exists(cb["files"]["histogram"])
+    assert cb["codebook"]["images"] == json.loads((run / "demo_summary.json").read_text())["data"]["samples"]
+
+    weights = tmp_path / "inception-random.pth"
+    torch.save(random_state_dict(0), weights)
+    vq_eval("ref-stats", "--data", str(run / "data-holdout"), "--out", str(ev / "ref.npz"),
+            "--inception-weights", str(weights), "--max-images", "24", "--resolution", "32")
+    gen = vq_eval("generation", "--ckpt", str(run / "prior"), "--num-samples", "20", "--batch-size", "10",
+                  "--class-labels", "0-9", "--guidance", "2", "--digits-judge", "--ref-stats", str(ev / "ref.npz"),
+                  "--inception-weights", str(weights))
+    p = gen["protocol"]
+    assert gen["step"] == steps[1] and p["condition"]["class_labels"] == list(range(10))
+    assert p["num_samples"] == 20 and p["sampling"]["guidance"] == 2.0 and p["resize"]
+    assert gen["fid"] > 0 and gen["is_mean"] >= 1 and 0 <= gen["class_accuracy"] <= 1 and gen["digits_fid"] > 0
+    assert os.path.exists(gen["files"]["grid"])
+    probe = vq_eval("linear-probe", "--ckpt", str(run / "prior"), "--data", str(run / "codes" / "train"),
+                    "--test-data", str(run / "codes" / "holdout"), "--images-train", str(run / "data"),
+                    "--images-test", str(run / "data-holdout"), "--max-samples", "400")
+    assert probe["step"] == steps[1] and probe["kind"] == "prior" and probe["pixel_baseline"]["top1"] > 0.3
+    assert len(probe["layers"]) >= 2 and os.path.exists(probe["files"]["plot"])
+    # one TensorBoard folder next to the JSON files, each metric at its checkpoint's step
+    tb = _scalars(ev / "tb")
+    assert tb["eval/reconstruction/psnr"] == [(steps[0], pytest.approx(rec["psnr"], rel=1e-6))]
+    assert tb["eval/codebook/codebook/usage"][0][0] == cb["step"]
+    assert tb["eval/generation/fid"][0][0] == steps[1] and "eval/generation/class_accuracy" in tb
+    assert tb["eval/linear-probe/layers/0"][0][0] == steps[1]
+
+
+@pytest.mark.multiprocess
+def test_an_eval_sweep_over_the_demo_checkpoints_runs_as_a_slurm_array(demo, slurm_cluster, tmp_path):
+    """`vqscale submit --sweep` on a real Slurm: one `eval codebook` array task per tokenizer
+    checkpoint of the demo, their results side by side in one TensorBoard curve."""
+    from tests.launch import job_env
+
+    run = demo[0] / "runs" / "demo"
+    steps = sorted(d.split("_")[1] for d in os.listdir(run / "tokenizer" / "checkpoints") if d.startswith("step_"))
+    assert len(steps) >= 2
+    ev = tmp_path / "ev"
+    cmd = [sys.executable, "-m", "pretrain.cli", "submit", "--cluster", "slurm", "--sweep", f"step={','.join(steps)}",
+           "--job-dir", str(tmp_path / "job"), "--wait", "--",
+           "eval", "codebook", "--ckpt", str(run / "tokenizer" / "checkpoints" / "step_{step}"),
+           "--data", str(run / "data-holdout"), "--out", str(ev / "codebook_{step}.json"), "--device", "cpu"]
+    out = subprocess.run(cmd, env={**job_env(), **slurm_cluster.env()}, cwd=_ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    ids = [json.loads(x)["job_id"] for x in out.stdout.splitlines() if x.startswith("{")]
+    assert len(ids) == len(steps) and len({i.split("_")[0] for i in ids}) == 1          # one array job
+    for s in steps:
+        r = json.load(open(ev / f"codebook_{s}.json"))
+        assert r["step"] == int(s) and r["protocol"]["ckpt"].endswith(f"step_{s}") and 0 < r["codebook"]["usage"] <= 1
+    curve = _scalars(ev / "tb")["eval/codebook/codebook/usage"]
+    assert sorted(step for step, _ in curve) == [int(s) for s in steps]

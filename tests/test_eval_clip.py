@@ -120,7 +120,7 @@ def test_end_to_end_on_a_tiny_text_prior(clip_file, tmp_path):
     assert r["protocol"]["clip"]["sha256"] and r["protocol"]["sampling"]["guidance"] == 2.0
     with open(out) as f:
         assert json.load(f)["clip_score"] == r["clip_score"]
-    grid = Image.open(r["grid"])
+    grid = Image.open(r["files"]["grid"])
     assert grid.size[::-1] == grid_shape(6, tok.image_size, tok.image_size, ncol=2)   # one row per prompt
     # Per-sample seeds: another batch size, the same images and scores.
     again = evaluate_clip_score(pkg, PROMPTS, None, batch_size=1, **kw)
@@ -130,3 +130,45 @@ def test_end_to_end_on_a_tiny_text_prior(clip_file, tmp_path):
         vim = create_model("vim-small-tiny", codebook_size=64, grid_size=(4, 4))
         save_package(vim, str(tmp_path / "vim"), tokenizer=tok)
         evaluate_clip_score(str(tmp_path / "vim"), PROMPTS, None, **kw)
+
+
+def test_command_line_clip_score_and_text_prior_generation(clip_file, tmp_path, capsys, monkeypatch):
+    """`vqscale eval clip-score` with the small architecture given as --clip-overrides, and
+    `vqscale eval generation --prompts` on the same text prior (FID-type metrics skipped without
+    Inception weights): JSON, grid and TensorBoard events written, the same scores as the API."""
+    from pretrain.cli import main
+
+    monkeypatch.setenv("VQSCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(0)
+    pkg = str(tmp_path / "t2i")
+    save_package(create_model("t2i-prior-1b-tiny").eval(), pkg, tokenizer=create_model("vqgan-f8-tiny"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment line\n" + "\n".join(PROMPTS) + "\n")
+    overrides = tmp_path / "small-clip.json"
+    overrides.write_text(json.dumps(SMALL))
+    out = tmp_path / "ev" / "clip.json"
+    common = ["--ckpt", pkg, "--device", "cpu", "--batch-size", "2"]
+    assert main(["eval", "clip-score", *common, "--prompts", str(prompts), "--out", str(out),
+                 "--clip-weights", clip_file[0], "--clip-overrides", str(overrides), "--num-per-prompt", "2",
+                 "--seed", "3", "--guidance", "2.0"]) == 0
+    r = json.load(open(out))
+    assert '"clip_score"' in capsys.readouterr().out and r["num_images"] == 6
+    api = evaluate_clip_score(pkg, str(prompts), None, num_per_prompt=2, seed=3, guidance=2.0,
+                              clip_weights=clip_file[0], clip_overrides=SMALL, batch_size=2, device="cpu",
+                              progress=False)
+    assert r["clip_score"] == pytest.approx(api["clip_score"], abs=1e-9)
+    assert os.path.exists(r["files"]["grid"]) and os.listdir(r["files"]["tensorboard"])
+    # without weights: one line, exit 2
+    assert main(["eval", "clip-score", *common, "--prompts", str(prompts), "--out", str(out),
+                 "--clip-overrides", json.dumps(SMALL)]) == 2
+    assert "never downloaded" in capsys.readouterr().err
+    gen = tmp_path / "ev" / "gen.json"
+    assert main(["eval", "generation", *common, "--prompts", str(prompts), "--num-samples", "4",
+                 "--out", str(gen)]) == 0
+    g = json.load(open(gen))
+    assert g["protocol"]["condition"]["prompts"] == PROMPTS and g["fid"] is None
+    assert any("Inception" in n for n in g["notes"]) and os.path.exists(g["files"]["grid"])
+    assert main(["eval", "generation", *common, "--class-labels", "0-3", "--num-samples", "4",
+                 "--out", str(gen)]) == 2
+    assert "text-conditional" in capsys.readouterr().err

@@ -74,7 +74,7 @@ def _check(result: dict, out: str, keys: list[str]) -> None:
         on_disk = json.load(f)
     assert on_disk["layers"] == result["layers"] and on_disk["protocol"]["task"] == "linear-probe"
     png = out[:-5] + ".png"
-    assert result["plot"] == png
+    assert result["files"]["plot"] == png and on_disk["files"]["json"] == out
     with open(png, "rb") as f:
         assert f.read(8) == PNG
 
@@ -103,7 +103,7 @@ def test_layer_subset_max_samples_and_determinism(tmp_path, codes):
     a = evaluate_linear_probe(url, *codes, str(tmp_path / "a.json"), layers=[-1], **kw)
     b = evaluate_linear_probe(url, *codes, None, layers=[1], **kw)
     assert list(a["layers"]) == ["1"] and a["layers"] == b["layers"]    # -1 is the last block
-    assert (a["num_train"], a["num_test"]) == (50, 30) and "plot" not in b
+    assert (a["num_train"], a["num_test"]) == (50, 30) and "files" not in b
     with pytest.raises(IndexError):
         evaluate_linear_probe(url, *codes, None, layers=[2], **kw)
     with pytest.raises(ValueError, match="both images_train and images_test"):

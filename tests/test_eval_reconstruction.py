@@ -227,7 +227,10 @@ def test_evaluate_reconstruction_end_to_end(world, tmp_path):
 
     on_disk = json.loads(open(out).read())
     assert on_disk == json.loads(json.dumps(res))
+    assert res["files"]["json"] == out and os.listdir(res["files"]["tensorboard"])
     for kind, path in res["files"].items():
+        if kind in ("json", "tensorboard"):
+            continue
         raw = open(path, "rb").read()
         assert raw.startswith(PNG_SIGNATURE), kind
     grid = np.array(Image.open(res["files"]["grid"]))
@@ -236,7 +239,7 @@ def test_evaluate_reconstruction_end_to_end(world, tmp_path):
 
     again = evaluate_reconstruction(world["pkg"], world["data"], None, features=world["features"],
                                     lpips=world["lpips"], batch_size=8, device="cpu", progress=False)
-    timing = {"seconds", "images_per_s", "files"}
+    timing = {"seconds", "images_per_s", "files", "step"}   # step and files: added when written
     assert {k: v for k, v in again.items() if k not in timing} == \
         {k: v for k, v in json.loads(json.dumps(res)).items() if k not in timing}
 
