@@ -173,11 +173,13 @@ def _depth(key: Any, position: int) -> float:
         return float(position)
 
 
-def plot_probe(results: Mapping[Any, Any], out_png_url: str, title: str = "linear probe") -> bytes:
+def plot_probe(results: Mapping[Any, Any], out_png_url: str, title: str = "linear probe",
+               baselines: Mapping[str, float] | None = None) -> bytes:
     """Plot top-1 (%) against depth and write the PNG to ``out_png_url`` (any storage URL).
 
     ``results`` maps layer to top1 (a float in [0, 1], or a :func:`fit_linear_probe` dict).
-    Numeric layer keys are placed at their depth; other keys in their given order. Returns the
+    Numeric layer keys are placed at their depth; other keys in their given order. ``baselines``
+    (name -> top1 in [0, 1], e.g. the raw-pixel probe) are drawn as dashed lines. Returns the
     PNG bytes."""
     points = []
     for pos, (key, val) in enumerate(results.items()):
@@ -195,6 +197,11 @@ def plot_probe(results: Mapping[Any, Any], out_png_url: str, title: str = "linea
         if finite:
             bx, by = max(finite, key=lambda p: p[1])
             ax.annotate(f"{by:.1f}%", (bx, by), textcoords="offset points", xytext=(0, 6), ha="center")
+    drawn = {k: v for k, v in (baselines or {}).items() if v is not None and math.isfinite(v)}
+    for (name, top1), style in zip(drawn.items(), ("--", ":", "-.")):
+        ax.axhline(100.0 * top1, linestyle=style, color="gray", label=f"{name} {100.0 * top1:.1f}%")
+    if drawn:
+        ax.legend(loc="best")
     ax.set_xlabel("layer")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)

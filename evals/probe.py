@@ -344,9 +344,7 @@ def evaluate_linear_probe(ckpt: str, train_url: str, test_url: str, out_url: str
     }
     result["seconds"] = round(time.perf_counter() - t0, 3)
     if out_url is not None:
-        title = f"linear probe: {identity['name']}"
-        if pixel is not None:
-            title += f" (pixels {100 * pixel['top1']:.1f}%)"
-        plot_probe(scores, sibling_url(out_url, ".png"), title=title)
+        plot_probe(scores, sibling_url(out_url, ".png"), title=f"linear probe: {identity['name']}",
+                   baselines={"raw pixels": pixel["top1"]} if pixel is not None else None)
         write_result(result, out_url, {"plot": sibling_url(out_url, ".png")}, identity["package"])
     return result

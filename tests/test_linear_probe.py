@@ -72,3 +72,7 @@ def test_plot_writes_png(tmp_path):
     assert data == out.read_bytes()
     plot_probe({"embed": 0.2, "block3": 0.5}, f"file://{tmp_path}/named.png", "named layers")
     assert (tmp_path / "named.png").read_bytes()[:8] == PNG_SIGNATURE
+    # a baseline is drawn (a different picture); a missing one (None) is left out
+    with_line = plot_probe({0: 0.31, 4: 0.62}, str(tmp_path / "b.png"), "b", baselines={"raw pixels": 0.9})
+    without = plot_probe({0: 0.31, 4: 0.62}, str(tmp_path / "c.png"), "b", baselines={"raw pixels": None})
+    assert with_line[:8] == without[:8] == PNG_SIGNATURE and with_line != without
