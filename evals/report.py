@@ -13,7 +13,6 @@ into one folder do not clash.
 from __future__ import annotations
 
 import io
-import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -21,11 +20,6 @@ import numpy as np
 from data_pipeline import storage
 
 __all__ = ["checkpoint_step", "scalars", "sibling_url", "tensorboard_dir", "write_result"]
-
-# Blocks that describe how a number was made, not a result, and bulky per-item lists.
-_NOT_SCALARS = {"protocol", "files", "defects", "fits", "per_prompt", "notes", "unlabelled", "seconds",
-                "generation_seconds", "step"}
-
 
 def checkpoint_step(package: str | None) -> int | None:
     """The training step a package was exported from (its card's ``step``), else None."""
@@ -38,24 +32,11 @@ def checkpoint_step(package: str | None) -> int | None:
 
 
 def scalars(result: Mapping[str, Any]) -> dict[str, float]:
-    """The finite numbers of a result, one level of nesting flattened with ``/``."""
-    out: dict[str, float] = {}
+    """The finite numbers of a result, one level of nesting flattened with ``/`` (the same
+    reading the model card of an exported package takes of these files)."""
+    from model_zoo.package import result_scalars
 
-    def put(name: str, v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return
-        if math.isfinite(v):
-            out[name] = float(v)
-
-    for k, v in result.items():
-        if k in _NOT_SCALARS:
-            continue
-        if isinstance(v, Mapping):
-            for kk, vv in v.items():
-                put(f"{k}/{kk}", vv)
-        else:
-            put(k, v)
-    return out
+    return result_scalars(dict(result))
 
 
 def sibling_url(out_url: str, suffix: str) -> str:

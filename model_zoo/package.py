@@ -2,9 +2,13 @@
 
 A package is a folder, local or at any storage URL (``s3://bucket/zoo/vim-base``)::
 
-    config.json        {"schema_version": 1, "name": REGISTRY NAME, "kind": "tokenizer" | "prior" | ...,
+    config.json        {"schema_version": 2, "name": REGISTRY NAME, "kind": "tokenizer" | "prior" | ...,
                         "config": the model's full config dataclass as JSON,
-                        "tokenizer": "tokenizer" (priors only), "dtype", "parameters", "card"}
+                        "tokenizer": "tokenizer" (priors only: the folder of its tokenizer),
+                        "tokenizer_model": {"name", "checksums_sha256"} (priors only: the identity
+                        code manifests carry), "text_encoder": {"name", "overrides", "weights"}
+                        (text priors only: the frozen encoder it expects, not in the package),
+                        "dtype", "parameters", "card" (training facts, metrics, intended use)}
     model.safetensors  the state dict (safetensors only: loading never unpickles anything)
     README.md          the model card: name, kind, paper, parameter count, config, metrics
     checksums.sha256   ``sha256sum`` format, one line per file of the package (the tokenizer's
@@ -21,6 +25,11 @@ no preset has to know how to parse JSON, and it uses the one path every preset a
 meta device (no memory, no init cost). After building, the model's config must equal the saved
 one field for field, so a preset that silently ignores or rewrites an override is caught instead
 of loading weights into the wrong model.
+
+Schema versions: a package written by an older vqscale loads through explicit upgrade functions
+(:data:`UPGRADES`, one per version step, applied in order on read); a newer one is refused with a
+message to upgrade vqscale. The folder is what Hugging Face Hub tooling expects (``config.json``,
+``model.safetensors``, a ``README.md`` with a YAML header), so it uploads as is.
 
 Writes are atomic at the package level, not only per file: the package is assembled in a local
 folder and ``checksums.sha256`` is published last (an existing one is removed first when
@@ -50,7 +59,7 @@ from data_pipeline import storage
 
 from .registry import create_model, model_entry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CONFIG, WEIGHTS, CARD, CHECKSUMS = "config.json", "model.safetensors", "README.md", "checksums.sha256"
 TOKENIZER_DIR = "tokenizer"
 REQUIRED = (CONFIG, WEIGHTS, CARD)
@@ -205,8 +214,7 @@ def verify_folder(folder: str, url: str = "") -> dict[str, Any]:
         if sha256_file(file) != digest:
             raise PackageError(f"{where}: checksum mismatch for {rel} (corrupt or modified file)")
     with open(os.path.join(folder, CONFIG)) as f:
-        meta = json.load(f)
-    _check_meta(meta, where)
+        meta = checked_meta(json.load(f), where)
     if meta.get("tokenizer"):
         for req in REQUIRED:   # the nested package is covered by these checksums, so it must be listed
             if f"{meta['tokenizer']}/{req}" not in sums:
@@ -214,16 +222,40 @@ def verify_folder(folder: str, url: str = "") -> dict[str, Any]:
     return meta
 
 
-def _check_meta(meta: dict[str, Any], where: str) -> None:
+def _upgrade_1_to_2(meta: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 named its dependencies only by folder and config: add the version-2 fields (the
+    tokenizer's identity is unknown without reading its files, so None; the text encoder is the
+    one its config names)."""
+    cfg = meta.get("config") or {}
+    enc = None
+    if isinstance(cfg.get("text_encoder"), str):
+        enc = {"name": cfg["text_encoder"], "overrides": cfg.get("text_encoder_overrides") or {},
+               "weights": TEXT_ENCODER_WEIGHTS}
+    tok = None
+    if meta.get("tokenizer"):
+        tok = {"name": None, "checksums_sha256": None}
+    return {**meta, "schema_version": 2, "tokenizer_model": tok, "text_encoder": enc}
+
+
+# version v -> the function that turns a version-v config.json into version v + 1
+UPGRADES = {1: _upgrade_1_to_2}
+TEXT_ENCODER_WEIGHTS = "not in the package: $VQSCALE_CACHE/weights/NAME.safetensors (or a path given to the encoder)"
+
+
+def checked_meta(meta: dict[str, Any], where: str) -> dict[str, Any]:
+    """A package's ``config.json``, checked and upgraded to :data:`SCHEMA_VERSION`."""
     version = meta.get("schema_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or version < 1:
         raise PackageError(f"{where}/{CONFIG} has no integer schema_version: not a model-zoo package")
     if version > SCHEMA_VERSION:
         raise PackageError(f"{where} has package schema_version {version}, newer than the {SCHEMA_VERSION} "
                            f"this vqscale reads: upgrade vqscale")
+    while meta["schema_version"] < SCHEMA_VERSION:
+        meta = UPGRADES[meta["schema_version"]](meta)
     for key in ("name", "kind", "config"):
         if key not in meta:
             raise PackageError(f"{where}/{CONFIG} lacks {key!r}")
+    return meta
 
 
 # ------------------------------------------------------------------------------------- saving
@@ -248,23 +280,85 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+# Result blocks that describe how a number was made, or list items, rather than being results.
+_NOT_SCALARS = {"protocol", "files", "defects", "fits", "per_prompt", "notes", "unlabelled", "seconds",
+                "generation_seconds", "step"}
+
+
+def result_scalars(result: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of an eval result (or any metrics dict), one level of nesting flattened
+    with ``/`` (``codebook/usage``); descriptions (protocol, files, ...) and lists are left out."""
+    import math
+
+    out: dict[str, float] = {}
+
+    def put(name: str, v: Any) -> None:
+        if not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v):
+            out[name] = float(v)
+
+    for k, v in result.items():
+        if k in _NOT_SCALARS:
+            continue
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                put(f"{k}/{kk}", vv)
+        else:
+            put(k, v)
+    return out
+
+
+INTENDED_USE = {
+    "tokenizer": "Turns images into discrete codes and back: the stage-1 model whose codes a prior is trained on, "
+                 "and a reconstruction baseline. Not a generative model by itself.",
+    "prior": "Generates image codes that its tokenizer (in `tokenizer/`) decodes into images: research on "
+             "autoregressive image generation and representation learning (linear probes). Trained on the data "
+             "named below; samples reflect that data's content and biases.",
+}
+
+
+def _card_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v).replace("|", "\\|")
+
+
 def model_card(meta: dict[str, Any], paper: str = "", tokenizer_meta: dict[str, Any] | None = None) -> str:
-    """The package README: what the model is and how to load it; ``card`` adds measured metrics."""
-    lines = [f"# {meta['name']}", "", f"- kind: {meta['kind']}",
+    """The package README: a YAML header for Hub tooling, what the model is, how it was trained,
+    what was measured (``card``: ``training``, ``metrics``, ``intended_use`` and any other keys),
+    and how to load it."""
+    kind = meta["kind"]
+    tags = ["vqscale", meta["name"], {"tokenizer": "image-tokenizer", "prior": "image-generation"}.get(kind, kind)]
+    lines = ["---", "library_name: vqscale", "tags:", *[f"- {t}" for t in tags], "---", "",
+             f"# {meta['name']}", "", f"- kind: {kind}",
              f"- parameters: {meta['parameters']:,}", f"- weights: {WEIGHTS} ({meta.get('dtype') or 'mixed'})"]
     if paper:
         lines.append(f"- paper: {paper}")
     if tokenizer_meta is not None:
         lines.append(f"- tokenizer: {tokenizer_meta['name']} (in `{TOKENIZER_DIR}/`, "
                      f"{tokenizer_meta['parameters']:,} parameters)")
-    card = meta.get("card") or {}
+    enc = meta.get("text_encoder")
+    if enc:
+        lines.append(f"- text encoder: {enc['name']} (frozen; {enc['weights']})")
+    card = dict(meta.get("card") or {})
+    use = card.pop("intended_use", None) or INTENDED_USE.get(kind)
+    if "training" in card:          # shown there
+        card.pop("step", None)
+        card.pop("weights", None)
+    for title, key in (("Training", "training"), ("Metrics", "metrics")):
+        block = card.pop(key, None)
+        if block:
+            lines += ["", f"## {title}", "", "| | |", "| --- | --- |"]
+            lines += [f"| {k} | {_card_value(v)} |" for k, v in _flatten(block)]
     if card:
-        lines += ["", "## Metrics", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v} |" for k, v in _flatten(card)]
+        lines += ["", "## Details", "", "| | |", "| --- | --- |"]
+        lines += [f"| {k} | {_card_value(v)} |" for k, v in _flatten(card)]
+    if use:
+        lines += ["", "## Intended use", "", use]
     lines += ["", "## Config", "", "| field | value |", "| --- | --- |"]
     lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in _flatten(meta["config"])]
-    lines += ["", "## Use", "", "```python", "from model_zoo.package import load_package",
-              f'model = load_package("URL/OF/{meta["name"]}")   # verified, eval mode', "```", "",
+    lines += ["", "## Use", "", "```python", "from model_zoo import from_pretrained",
+              f'model = from_pretrained("{meta["name"]}")   # a zoo name ($VQSCALE_ZOO), folder or URL; verified, '
+              f'eval mode', "```", "",
               f"`{CHECKSUMS}` lists the sha256 of every file (`sha256sum -c {CHECKSUMS}`).", ""]
     return "\n".join(lines)
 
@@ -290,7 +384,12 @@ def _write_local(model: nn.Module, folder: str, name: str | None, tokenizer, car
         raise PackageError(f"{type(cfg).__name__} does not survive a JSON round trip")
     meta: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "name": name, "kind": entry.kind,
                             "config": config, "dtype": _dtype_name(model), "parameters": param_count(model),
-                            "card": dict(card_extra or {})}
+                            "card": dict(card_extra or {}), "tokenizer_model": None,
+                            "text_encoder": None}
+    if isinstance(getattr(cfg, "text_encoder", None), str):
+        meta["text_encoder"] = {"name": cfg.text_encoder,
+                                "overrides": config.get("text_encoder_overrides") or {},
+                                "weights": TEXT_ENCODER_WEIGHTS}
     tok_meta = None
     if tokenizer is not None:
         if entry.kind != "prior":
@@ -305,8 +404,10 @@ def _write_local(model: nn.Module, folder: str, name: str | None, tokenizer, car
             raise PackageError(f"the tokenizer given is a {tok_meta['kind']} ({tok_meta['name']})")
         _check_pair(model, tok_model)
         meta["tokenizer"] = TOKENIZER_DIR
+        meta["tokenizer_model"] = {"name": tok_meta["name"],
+                                   "checksums_sha256": sha256_file(os.path.join(tok_dir, CHECKSUMS))}
     elif entry.kind == "prior":
-        raise PackageError(f"a prior's package holds its tokenizer: pass tokenizer= (a model or a package URL)")
+        raise PackageError("a prior's package holds its tokenizer: pass tokenizer= (a model or a package URL)")
     os.makedirs(folder, exist_ok=True)
     with torch.no_grad():
         save_model(model, os.path.join(folder, WEIGHTS), metadata={"name": name, "format": "pt"},
@@ -397,9 +498,7 @@ def read_config(url: str) -> dict[str, Any]:
     path = storage.join(os.fspath(url), CONFIG)
     if not storage.exists(path):
         raise PackageError(f"{url} is not a model-zoo package: no {CONFIG}")
-    meta = storage.read_json(path)
-    _check_meta(meta, os.fspath(url))
-    return meta
+    return checked_meta(storage.read_json(path), os.fspath(url))
 
 
 def is_package(url: str) -> bool:
@@ -471,8 +570,7 @@ def load_prior_with_tokenizer(url: str, device: str | torch.device = "cpu",
             raise PackageError(f"{url} holds a {meta['kind']} ({meta['name']}), not a prior with its tokenizer")
         tok_folder = os.path.join(folder, *meta["tokenizer"].split("/"))
         with open(os.path.join(tok_folder, CONFIG)) as f:
-            tok_meta = json.load(f)
-        _check_meta(tok_meta, storage.join(url, meta["tokenizer"]))
+            tok_meta = checked_meta(json.load(f), storage.join(url, meta["tokenizer"]))
         prior = _load_local(folder, meta, device, dtype)
         tokenizer = _load_local(tok_folder, tok_meta, device, dtype)
         _check_pair(prior, tokenizer)
@@ -480,6 +578,6 @@ def load_prior_with_tokenizer(url: str, device: str | torch.device = "cpu",
     return _with_local(url, load)
 
 
-__all__ = ["SCHEMA_VERSION", "PackageError", "save_package", "load_package", "load_prior_with_tokenizer",
+__all__ = ["SCHEMA_VERSION", "UPGRADES", "checked_meta", "result_scalars", "PackageError", "save_package", "load_package", "load_prior_with_tokenizer",
            "read_config", "is_package", "build_model", "config_from_dict", "config_to_dict", "model_config",
            "model_card", "verify_folder"]

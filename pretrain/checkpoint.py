@@ -497,7 +497,7 @@ def load_consolidated(step_url: str, engine: str = "model") -> dict[str, torch.T
 
         with contextlib.redirect_stdout(io.StringIO()):
             out = dict(get_fp32_state_dict_from_zero_checkpoint(storage.local_path(step_url), tag=engine))
-    module = torch.load(_model_state_files(folder)[0], map_location="cpu", weights_only=False)["module"]
+    module = torch.load(_model_state_files(folder)[0], map_location="cpu", weights_only=True)["module"]
     for k, v in module.items():        # ZeRO-3 keeps empty placeholders here
         if k not in out and v.numel() > 0:
             out[k] = v.float() if v.is_floating_point() else v

@@ -21,6 +21,7 @@ EPILOG = """examples:
   vqscale tokenize --tokenizer s3://bucket/zoo/vit-vqgan-ss --data s3://bucket/mydata --out s3://bucket/mydata-codes
   vqscale submit --cluster slurm --nodes 16 --gpus-per-node 8 -- train --recipe vim-base
   vqscale status runs/vim-base
+  vqscale zoo export runs/vim-base --out runs/vim-base/export   then   vqscale zoo publish runs/vim-base/export --zoo s3://bucket/zoo
 """
 
 
@@ -158,6 +159,34 @@ def build_parser() -> argparse.ArgumentParser:
                                     "command is checked before submission. Pre-emption and time limits "
                                     "checkpoint and requeue the job; --dry-run prints the sbatch script.")
     add_submit_arguments(sb)
+    zoo = sub.add_parser("zoo", help="export a run as a zoo package; publish, list and pull packages",
+                         description="Model-zoo packages: config.json + model.safetensors + README.md + "
+                                     "checksums.sha256 (the layout Hugging Face Hub tooling expects). --zoo "
+                                     "defaults to $VQSCALE_ZOO; pulled packages go to $VQSCALE_CACHE/zoo.")
+    zsub = zoo.add_subparsers(dest="zoo_verb", metavar="ACTION", required=True)
+    ze = zsub.add_parser("export", help="consolidate a run's checkpoint (any ZeRO stage) into a package")
+    ze.add_argument("run_dir", help="run directory (its latest checkpoint, or --step) or step folder")
+    ze.add_argument("--out", required=True, help="package folder or URL")
+    ze.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the latest)")
+    ze.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                    help="--ema: the EMA weights (an error if the run kept none); --no-ema: the live weights "
+                         "(default: EMA when the run kept one)")
+    ze.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="dtype of the saved floating-point weights (default fp32)")
+    ze.add_argument("--tokenizer", default=None,
+                    help="a prior's tokenizer (package, run dir or step folder; default: the one its run recorded)")
+    zp = zsub.add_parser("publish", help="copy a package into a zoo and index it")
+    zp.add_argument("package", help="package folder or URL")
+    zp.add_argument("--zoo", default=None, help="zoo root, local or URL (default $VQSCALE_ZOO)")
+    zp.add_argument("--name", default=None, help="name in the zoo (default: the package's registry name)")
+    zl = zsub.add_parser("list", help="the packages of a zoo")
+    zl.add_argument("zoo", nargs="?", default=None, help="zoo root (default $VQSCALE_ZOO)")
+    zl.add_argument("--json", action="store_true", help="print the entries as JSON")
+    zu = zsub.add_parser("pull", help="download a package into the local cache, verified")
+    zu.add_argument("name")
+    zu.add_argument("--zoo", default=None, help="zoo root (default $VQSCALE_ZOO)")
+    zu.add_argument("--cache", default=None, help="cache folder (default $VQSCALE_CACHE, else ~/.cache/vqscale)")
+
     st = sub.add_parser("status", help="print a run's or job's status.json and its queue state")
     st.add_argument("run_dir", help="run directory or job folder (local or URL)")
     st.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -199,6 +228,42 @@ def _data(args) -> int:
     raise AssertionError(args.data_verb)
 
 
+def _zoo(args) -> int:
+    from model_zoo import zoo
+    from model_zoo.package import PackageError
+
+    from .resolve import ResolveError, export_run
+
+    try:
+        if args.zoo_verb == "export":
+            import torch
+
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+            out = export_run(args.run_dir, args.out, step=args.step, ema=args.ema, dtype=dtype,
+                             tokenizer=args.tokenizer)
+            from model_zoo.package import read_config
+
+            meta = read_config(out)
+            print(json.dumps({"out": out, "name": meta["name"], "kind": meta["kind"], "dtype": meta["dtype"],
+                              "step": meta["card"].get("step"), "weights": meta["card"].get("weights")}))
+            return 0
+        if args.zoo_verb == "publish":
+            entry = zoo.publish(args.package, args.zoo, name=args.name)
+            print(json.dumps({k: entry[k] for k in ("name", "model", "kind", "path", "checksums_sha256")}))
+            return 0
+        if args.zoo_verb == "list":
+            entries = zoo.list_entries(args.zoo)
+            print(json.dumps(entries, indent=2) if args.json else zoo.format_entries(entries))
+            return 0
+        if args.zoo_verb == "pull":
+            print(zoo.pull(args.name, args.zoo, cache=args.cache))
+            return 0
+    except (PackageError, ResolveError, FileNotFoundError) as e:
+        print(f"vqscale: error: {e}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.zoo_verb)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -220,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["evals"] = metrics
             storage.write_json(storage.join(result["run_dir"], "demo_summary.json"), result)
             print("[demo] offline metrics (no downloaded weights; JSON and plots in "
-                  f"{metrics['files']}):\n" + json.dumps(metrics, indent=2), flush=True)
+                  f"{' and '.join(metrics['files'].values())}):\n" + json.dumps(metrics, indent=2), flush=True)
             return 0
         if args.verb == "data":
             return _data(args)
@@ -268,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from cluster.status import main_status
 
             return main_status(args)
+        if args.verb == "zoo":
+            return _zoo(args)
     except (ConfigError, DataError) as e:
         print(f"vqscale: error: {e}", file=sys.stderr)
         return 2

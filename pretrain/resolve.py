@@ -25,7 +25,7 @@ from data_pipeline import storage
 
 log = logging.getLogger("vqscale.resolve")
 
-__all__ = ["ResolveError", "as_package", "export_step", "ema_state_dict"]
+__all__ = ["ResolveError", "as_package", "export_run", "export_step", "ema_state_dict"]
 
 PACKAGE_DIR = "package"
 
@@ -51,21 +51,87 @@ def ema_state_dict(folder: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_step_weights(local: str, prefer_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+def _load_step_weights(local: str, ema: bool | None) -> tuple[dict[str, torch.Tensor], str]:
+    """``ema`` None: the EMA weights when the run kept them, else the live ones; True: the EMA
+    weights or an error; False: the live weights."""
     from .checkpoint import load_consolidated
 
     # A GAN run's tokenizer is its "generator" engine (the discriminator is not exported).
     engine = "generator" if os.path.isdir(os.path.join(local, "generator")) else "model"
     sd = load_consolidated(local, engine)
     ema_dir = os.path.join(local, "ema", engine)
-    if prefer_ema and os.path.isdir(ema_dir):
+    if ema is not False and os.path.isdir(ema_dir):
         sd.update(ema_state_dict(ema_dir))
         return sd, "ema"
+    if ema:
+        raise ResolveError(f"{local} holds no EMA weights (the run's ema.decay was 0); export without --ema")
     return sd, "live"
 
 
-def export_step(step_url: str, out: str, prefer_ema: bool = True) -> str:
-    """Write the model of a step folder as a zoo package at ``out``; returns ``out``."""
+def _eval_metrics(run_dir: str, step: int) -> dict[str, float]:
+    """The numbers of the run's eval results (``RUN/evals/*.json``) measured at ``step``."""
+    from model_zoo.package import result_scalars
+
+    out: dict[str, float] = {}
+    folder = storage.join(run_dir, "evals")
+    for name in storage.listdir(folder):
+        if not name.endswith(".json"):
+            continue
+        try:
+            res = storage.read_json(storage.join(folder, name))
+        except (OSError, ValueError) as e:
+            log.warning("model card: skipping unreadable eval result %s (%s)", name, e)
+            continue
+        if not isinstance(res, dict) or res.get("step") != step:
+            continue
+        task = res.get("task") or (res.get("protocol") or {}).get("task") or name[:-5]
+        out.update({f"{task}/{k}": v for k, v in result_scalars(res).items()})
+    return out
+
+
+# Training-log numbers that describe the machine or the schedule, not the model.
+_NOT_QUALITY = ("per_s", "time", "wait", "lr", "memory", "guard", "grad_norm", "samples_seen")
+
+
+def _card(cfg, meta: dict, run_dir: str, which: str, num_tokens: int | None) -> dict:
+    from model_zoo.package import result_scalars
+
+    step, seen = int(meta["step"]), int(meta.get("samples_seen") or 0)
+    training = {"recipe": cfg.name, "model": cfg.model, "stage": cfg.stage, "data": cfg.data.url,
+                "steps": step, "planned_steps": cfg.steps, "global_batch_size": cfg.global_batch_size,
+                ("images_seen" if cfg.stage == "tokenizer" else "sequences_seen"): seen,
+                "optimizer": f"AdamW lr {cfg.optim.lr:g}, weight decay {cfg.optim.weight_decay:g}",
+                "zero_stage": cfg.deepspeed.zero_stage, "weights": which, "run_dir": run_dir,
+                "git_revision": meta.get("git_revision")}
+    if cfg.stage == "prior" and num_tokens:
+        training["tokens_seen"] = seen * int(num_tokens)
+    metrics = {f"train/{k}": v for k, v in result_scalars(meta.get("metrics") or {}).items()
+               if not any(w in k for w in _NOT_QUALITY)}
+    metrics.update(_eval_metrics(run_dir, step))
+    return {"step": step, "weights": which, "training": training, "metrics": metrics}
+
+
+def _run_relative(path: str, step_url: str) -> str:
+    """A prior's ``tokenizer`` setting as recorded: a relative local path was relative to where
+    the run was started, usually an ancestor of the run directory (the demo records
+    ``runs/demo/tokenizer``), so it is looked up from here first, then from those ancestors."""
+    if storage.is_remote(path) or os.path.isabs(path) or os.path.exists(path) or storage.is_remote(step_url):
+        return path
+    folder = os.path.abspath(storage.local_path(step_url))
+    while os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+        if os.path.exists(os.path.join(folder, path)):
+            return os.path.join(folder, path)
+    return path
+
+
+def export_step(step_url: str, out: str, ema: bool | None = None, dtype: torch.dtype | None = None,
+                tokenizer_path: str | None = None) -> str:
+    """Write the model of a step folder as a zoo package at ``out``; returns ``out``. ``ema``: see
+    :func:`_load_step_weights`; ``dtype``: the dtype of the saved floating-point weights (default:
+    float32, as consolidated); ``tokenizer_path``: a prior's tokenizer, instead of the one its
+    run recorded. The model card is filled from the run's config, the checkpoint's
+    metadata and the run's eval results at that step."""
     from model_zoo.package import save_package
 
     from .config import from_dict
@@ -81,7 +147,7 @@ def export_step(step_url: str, out: str, prefer_ema: bool = True) -> str:
         if storage.is_remote(step_url):
             local = os.path.join(tmp, "step")
             storage.download_dir(step_url, local)
-        sd, which = _load_step_weights(storage.local_path(local), prefer_ema)
+        sd, which = _load_step_weights(storage.local_path(local), ema)
         model = model_from_config(cfg, meta.get("trainer_model_args") or None)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         # A text prior's frozen encoder is not saved with it (it is rebuilt from its own weights).
@@ -94,13 +160,44 @@ def export_step(step_url: str, out: str, prefer_ema: bool = True) -> str:
             if not cfg.tokenizer:
                 raise ResolveError(f"{step_url}: the prior's run names no tokenizer (a prior's package holds its "
                                    f"tokenizer); train with --set tokenizer=PATH, or save_package it by hand")
-            tokenizer = as_package(cfg.tokenizer, kind="tokenizer")
+            tokenizer = as_package(tokenizer_path or _run_relative(cfg.tokenizer, step_url), kind="tokenizer")
+        if dtype is not None:
+            model = model.to(dtype)
+        run_dir = storage.dirname(storage.dirname(step_url.rstrip("/")))
         save_package(model.eval(), out, name=cfg.model, tokenizer=tokenizer,
-                     card_extra={"run_dir": storage.dirname(storage.dirname(step_url)), "step": meta["step"],
-                                 "weights": which, "samples_seen": meta.get("samples_seen"),
-                                 "git_revision": meta.get("git_revision")})
+                     card_extra=_card(cfg, meta, run_dir, which, getattr(model, "num_tokens", None)))
     log.info("exported %s (%s weights) to %s", step_url, which, out)
     return out
+
+
+def _step_folder(path: str) -> str:
+    """The step folder a run directory (its latest checkpoint) or step folder names."""
+    from .checkpoint import resolve_step_url
+
+    try:
+        step = resolve_step_url(path)
+    except (OSError, ValueError) as e:
+        raise ResolveError(f"{path}: {e}") from None
+    if step is None or not storage.exists(storage.join(step, "meta.json")):
+        raise ResolveError(f"{path} is not a model-zoo package (no config.json), nor a run directory with "
+                           f"a checkpoint (no checkpoints/latest), nor a step folder (no meta.json)")
+    return step
+
+
+def export_run(path: str, out: str, step: int | None = None, ema: bool | None = None,
+               dtype: torch.dtype | None = None, tokenizer: str | None = None) -> str:
+    """``vqscale zoo export``: the checkpoint of a run directory (its latest, or ``step``) or a
+    step folder, consolidated from its engine shards (any ZeRO stage) into a package at ``out``."""
+    from .checkpoint import list_steps, step_name
+
+    path = os.fspath(path)
+    if step is not None:
+        step_url = storage.join(path, "checkpoints", step_name(step))
+        if not storage.exists(storage.join(step_url, "meta.json")):
+            raise ResolveError(f"{path} has no checkpoint of step {step}; it has steps {list_steps(path)}")
+    else:
+        step_url = _step_folder(path)
+    return export_step(step_url, out, ema=ema, dtype=dtype, tokenizer_path=tokenizer)
 
 
 def as_package(path: str, kind: str | None = None) -> str:
@@ -109,19 +206,11 @@ def as_package(path: str, kind: str | None = None) -> str:
     exports, the others wait."""
     from model_zoo.package import CHECKSUMS, is_package, read_config
 
-    from .checkpoint import resolve_step_url
-
     path = os.fspath(path)
     if is_package(path):
         url = path
     else:
-        try:
-            step = resolve_step_url(path)
-        except (OSError, ValueError) as e:
-            raise ResolveError(f"{path}: {e}") from None
-        if step is None or not storage.exists(storage.join(step, "meta.json")):
-            raise ResolveError(f"{path} is not a model-zoo package (no config.json), nor a run directory with "
-                               f"a checkpoint (no checkpoints/latest), nor a step folder (no meta.json)")
+        step = _step_folder(path)
         url = storage.join(step, PACKAGE_DIR)
         dist = torch.distributed
         multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -63,9 +63,10 @@ def test_demo_quick_end_to_end_and_resume(demo):
     ev = summary["evals"]
     assert ev["digits_class_accuracy"] > 0.2 and ev["digits_fid"] > 0, ev
     assert ev["holdout_psnr"] > 15 and 0 < ev["codebook_usage"] <= 1 and ev["probe_pixel_baseline"] > 0.5, ev
-    for name in ("generation.json", "generation_grid.png", "reconstruction.json", "linear_probe.json",
-                 "linear_probe.png"):
-        assert (run / "evals" / name).exists(), name
+    for stage, name in (("prior", "generation.json"), ("prior", "generation_grid.png"), ("prior", "linear_probe.json"),
+                        ("prior", "linear_probe.png"), ("tokenizer", "reconstruction.json"), ("prior", "tb"),
+                        ("tokenizer", "tb")):
+        assert (run / stage / "evals" / name).exists(), (stage, name)
     assert "[demo] offline metrics" in first.stdout
     # a second run resumes rather than redoes
     second = subprocess.run(_CMD, cwd=tmp_path, env=_ENV, capture_output=True, text=True, timeout=600)
@@ -164,3 +165,39 @@ def test_an_eval_sweep_over_the_demo_checkpoints_runs_as_a_slurm_array(demo, slu
         assert r["step"] == int(s) and r["protocol"]["ckpt"].endswith(f"step_{s}") and 0 < r["codebook"]["usage"] <= 1
     curve = _scalars(ev / "tb")["eval/codebook/codebook/usage"]
     assert sorted(step for step, _ in curve) == [int(s) for s in steps]
+
+
+@pytest.mark.multiprocess
+def test_the_demo_models_go_through_a_zoo(demo, tmp_path, capsys, monkeypatch):
+    """`vqscale zoo export` of the demo's tokenizer and prior, `zoo publish` into a zoo, and
+    `from_pretrained` by name: the same codes, images and samples as the run's own checkpoints."""
+    from model_zoo import from_pretrained
+    from model_zoo.package import load_package, load_prior_with_tokenizer
+    from model_zoo.sampling import SamplingConfig, sample_seeds
+    from pretrain.cli import main
+    from pretrain.resolve import as_package
+
+    run = demo[0] / "runs" / "demo"
+    monkeypatch.setenv("VQSCALE_ZOO", str(tmp_path / "zoo"))
+    monkeypatch.setenv("VQSCALE_CACHE", str(tmp_path / "cache"))
+    for stage in ("tokenizer", "prior"):
+        assert main(["zoo", "export", str(run / stage), "--out", str(tmp_path / "export" / stage)]) == 0
+        assert main(["zoo", "publish", str(tmp_path / "export" / stage), "--name", f"demo-{stage}"]) == 0
+    capsys.readouterr()
+    assert main(["zoo", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "demo-prior" in listing and "demo-tokenizer" in listing
+    card = (tmp_path / "export" / "prior" / "README.md").read_text()
+    assert "generation/class_accuracy" in card and "linear-probe/best_top1" in card     # the demo's evals
+    tok = from_pretrained("demo-tokenizer")
+    prior = from_pretrained("demo-prior")
+    ref_tok = load_package(as_package(str(run / "tokenizer")))
+    ref_prior, _ = load_prior_with_tokenizer(as_package(str(run / "prior")))
+    images = torch.rand(4, 3, tok.image_size, tok.image_size) * 2 - 1
+    labels = torch.tensor([0, 3, 7, 12])
+    cfg = SamplingConfig(temperature=1.0, guidance_scale=2.0)
+    with torch.no_grad():
+        assert torch.equal(tok.encode(images).codes, ref_tok.encode(images).codes)
+        codes = prior.generate(labels, 4, cfg, sample_seeds(0, torch.arange(4)))
+        assert torch.equal(codes, ref_prior.generate(labels, 4, cfg, sample_seeds(0, torch.arange(4))))
+        assert torch.equal(prior.tokenizer.decode(codes), ref_tok.decode(codes))

@@ -72,7 +72,7 @@ def test_round_trip_identical_weights_and_logits(vim_pkg):
     url, prior, tok = vim_pkg
     assert sorted(os.listdir(url)) == ["README.md", CHECKSUMS, "config.json", "model.safetensors", "tokenizer"]
     meta = json.load(open(os.path.join(url, "config.json")))
-    assert meta["schema_version"] == 1 and meta["name"] == PRIOR and meta["kind"] == "prior"
+    assert meta["schema_version"] == 2 and meta["name"] == PRIOR and meta["kind"] == "prior"
     assert meta["tokenizer"] == "tokenizer" and meta["config"]["grid_size"] == [8, 8]
     card = open(os.path.join(url, "README.md")).read()
     assert PRIOR in card and f"{sum(p.numel() for p in prior.parameters()):,}" in card and "12.5" in card
@@ -155,8 +155,8 @@ def test_errors_tamper_missing_unknown_newer(vim_pkg, tmp_path):
         return pkg
     with pytest.raises(PackageError, match="unknown model 'vim-smal-tiny'"):
         load_package(edited("d", name="vim-smal-tiny"))
-    with pytest.raises(PackageError, match="schema_version 2, newer"):
-        load_package(edited("e", schema_version=2))
+    with pytest.raises(PackageError, match="schema_version 3, newer"):
+        load_package(edited("e", schema_version=3))
     cfg = json.load(open(os.path.join(url, "config.json")))["config"]
     with pytest.raises(PackageError, match="unknown to VIMConfig"):
         load_package(edited("f", config={**cfg, "rope": True}))
