@@ -4,6 +4,7 @@ real single-machine Slurm cluster for the session."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import uuid
 
@@ -38,6 +39,8 @@ def s3_server():
         if _in_ci():
             raise RuntimeError(f"CI=true and the S3 test server could not start: {e}") from e
         pytest.skip(f"S3 test server (SeaweedFS) could not start: {e}")
+    global _S3_SERVER
+    _S3_SERVER = server
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
     storage.configure("s3")  # drop cached filesystems so they see the new environment
@@ -50,7 +53,23 @@ def s3_server():
             else:
                 os.environ[k] = v
         storage.configure("s3")
+        _S3_SERVER = None
         server.stop()
+
+
+_S3_SERVER: SeaweedS3 | None = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used the S3 server carries weed's log tail and the free disk space:
+    an S3 InternalError says nothing of its cause, and CI output is all there is."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _S3_SERVER is not None and "s3_server" in getattr(item, "fixturenames", ()):
+        free = shutil.disk_usage(_S3_SERVER.tmpdir or "/tmp").free / 2**30
+        report.sections.append(
+            ("SeaweedFS", f"free disk: {free:.2f} GiB\n--- weed log tail ---\n{_S3_SERVER.log_tail(40)}"))
 
 
 @pytest.fixture(scope="session")

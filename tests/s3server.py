@@ -107,7 +107,10 @@ class SeaweedS3:
             f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
             "-master.telemetry=false", "-master.volumeSizeLimitMB=256",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
-            "-volume.max=200", "-volume.preStopSeconds=0",
+            # weed's default floor is 1% of the disk (2.5 GB of a shared 252 GB disk): below it
+            # every volume turns read-only and each PutObject is an S3 InternalError. A CI run
+            # with a few GB free crossed it mid-session; the tests store megabytes.
+            "-volume.max=200", "-volume.preStopSeconds=0", "-volume.minFreeSpace=64MiB",
             "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
             f"-filer.localSocket={os.path.join(self.tmpdir, 'filer.sock')}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
