@@ -57,6 +57,8 @@ import torch
 
 from data_pipeline import storage
 
+from . import safe_load
+
 log = logging.getLogger("vqscale.checkpoint")
 
 __all__ = ["step_name", "parse_step", "list_steps", "latest_step_url", "resolve_step_url", "save_checkpoint",
@@ -328,7 +330,7 @@ def _restore_fixed_state(engine, engine_dir: str) -> int:
     """
     from .engine import _gathered
 
-    states = [torch.load(f, map_location="cpu", weights_only=False) for f in _model_state_files(engine_dir)]
+    states = [safe_load.load(f, map_location="cpu") for f in _model_state_files(engine_dir)]
     module_sd, frozen_shapes = states[0]["module"], states[0].get("frozen_param_shapes") or {}
     count = 0
     for name, buf in engine.module.named_buffers():
@@ -373,8 +375,7 @@ def _repair_zero3_universal(engine, universal_dir: str) -> None:
         st = base.state.get(flat)
         if st is not None and torch.is_tensor(st.get("step")):
             st["step"] = st["step"].clone()
-    sd = torch.load(os.path.join(universal_dir, "zero", "optimizer_state.pt"), map_location="cpu",
-                    weights_only=False)
+    sd = safe_load.load(os.path.join(universal_dir, "zero", "optimizer_state.pt"), map_location="cpu")
     saved = sd.get(OPTIMIZER_STATE_DICT, {}).get(PARAM_GROUPS) or sd.get(PARAM_GROUPS) or []
     if len(saved) != len(base.param_groups):
         log.warning("cannot restore per-group optimizer settings after the ZeRO-3 universal load "
@@ -440,27 +441,30 @@ def load_checkpoint(url: str, engines, *, emas: Mapping[str, Any] | None = None,
         raise FileNotFoundError(plan)
     client_states: dict[str, Any] = {}
     try:
-        for ename, engine in engines.items():
-            if weights_only:
-                _load_weights(engine, load_consolidated(local, ename))
-                continue
-            if plan[ename]:
-                out = os.path.join(local, "universal", ename)
-                if converter and not os.path.isdir(out):
-                    _convert_universal(os.path.join(local, ename), out)
-                _barrier()
-                engine._config.load_universal_checkpoint = True    # read only at load time
-                try:
-                    path, client = engine.load_checkpoint(os.path.join(local, "universal"), tag=ename)
-                finally:
-                    engine._config.load_universal_checkpoint = False
-                _repair_zero3_universal(engine, out)
-                _restore_fixed_state(engine, os.path.join(local, ename))
-            else:
-                path, client = engine.load_checkpoint(local, tag=ename)
-            if path is None:
-                raise FileNotFoundError(f"DeepSpeed found no checkpoint for engine {ename!r} in {step_url}")
-            client_states[ename] = {k: v for k, v in (client or {}).items() if k.startswith("vqscale")}
+        # DeepSpeed's own loads (its checkpoint engine, ds_to_universal) ask for
+        # weights_only=False; within this block they cannot run code from the files.
+        with safe_load.weights_only_loads():
+            for ename, engine in engines.items():
+                if weights_only:
+                    _load_weights(engine, load_consolidated(local, ename))
+                    continue
+                if plan[ename]:
+                    out = os.path.join(local, "universal", ename)
+                    if converter and not os.path.isdir(out):
+                        _convert_universal(os.path.join(local, ename), out)
+                    _barrier()
+                    engine._config.load_universal_checkpoint = True    # read only at load time
+                    try:
+                        path, client = engine.load_checkpoint(os.path.join(local, "universal"), tag=ename)
+                    finally:
+                        engine._config.load_universal_checkpoint = False
+                    _repair_zero3_universal(engine, out)
+                    _restore_fixed_state(engine, os.path.join(local, ename))
+                else:
+                    path, client = engine.load_checkpoint(local, tag=ename)
+                if path is None:
+                    raise FileNotFoundError(f"DeepSpeed found no checkpoint for engine {ename!r} in {step_url}")
+                client_states[ename] = {k: v for k, v in (client or {}).items() if k.startswith("vqscale")}
         for ename, ema in emas.items():
             folder = os.path.join(local, "ema", ename)
             if os.path.isdir(folder):
@@ -472,7 +476,7 @@ def load_checkpoint(url: str, engines, *, emas: Mapping[str, Any] | None = None,
         rng_path = os.path.join(local, "rng", f"rank{rank}.pt")
         rng_restored = False
         if restore_rng and not weights_only and meta["world_size"] == world and os.path.exists(rng_path):
-            _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
+            _set_rng_state(safe_load.load(rng_path, map_location="cpu"))
             rng_restored = True
     finally:
         if remote:
@@ -495,9 +499,9 @@ def load_consolidated(step_url: str, engine: str = "model") -> dict[str, torch.T
     if _needs_universal(folder):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), safe_load.weights_only_loads():
             out = dict(get_fp32_state_dict_from_zero_checkpoint(storage.local_path(step_url), tag=engine))
-    module = torch.load(_model_state_files(folder)[0], map_location="cpu", weights_only=True)["module"]
+    module = safe_load.load(_model_state_files(folder)[0], map_location="cpu")["module"]
     for k, v in module.items():        # ZeRO-3 keeps empty placeholders here
         if k not in out and v.numel() > 0:
             out[k] = v.float() if v.is_floating_point() else v

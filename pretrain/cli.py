@@ -233,6 +233,7 @@ def _zoo(args) -> int:
     from model_zoo.package import PackageError
 
     from .resolve import ResolveError, export_run
+    from .safe_load import UnsafeCheckpointError
 
     try:
         if args.zoo_verb == "export":
@@ -258,7 +259,7 @@ def _zoo(args) -> int:
         if args.zoo_verb == "pull":
             print(zoo.pull(args.name, args.zoo, cache=args.cache))
             return 0
-    except (PackageError, ResolveError, FileNotFoundError) as e:
+    except (PackageError, ResolveError, FileNotFoundError, UnsafeCheckpointError) as e:
         print(f"vqscale: error: {e}", file=sys.stderr)
         return 2
     raise AssertionError(args.zoo_verb)
@@ -271,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from data_pipeline.sources import DataError
 
     from .config import ConfigError
+    from .safe_load import UnsafeCheckpointError
 
     try:
         if args.verb == "demo":
@@ -335,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return main_status(args)
         if args.verb == "zoo":
             return _zoo(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, UnsafeCheckpointError) as e:
         print(f"vqscale: error: {e}", file=sys.stderr)
         return 2
     raise AssertionError(args.verb)

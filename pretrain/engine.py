@@ -96,6 +96,7 @@ from typing import Any, Iterator, Literal, Union
 import torch
 import torch.nn as nn
 
+from . import safe_load
 from .config import json_value
 
 __all__ = ["OptimConfig", "DeepSpeedSettings", "gradient_accumulation_steps", "resolve_bf16",
@@ -567,7 +568,7 @@ class EMA:
     def load(self, folder: str) -> None:
         """Load the shards saved by any world size (reads every rank file of ``folder``)."""
         files = sorted(f for f in os.listdir(folder) if f.startswith("rank") and f.endswith(".pt"))
-        states = [torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True) for f in files]
+        states = [safe_load.load(os.path.join(folder, f), map_location="cpu") for f in files]
         if not states or len(states) != states[0]["world_size"]:
             raise FileNotFoundError(f"EMA shards in {folder} are incomplete ({len(states)} files)")
         self.num_updates = int(states[0]["num_updates"])

@@ -23,6 +23,8 @@ import torch
 
 from data_pipeline import storage
 
+from . import safe_load
+
 log = logging.getLogger("vqscale.resolve")
 
 __all__ = ["ResolveError", "as_package", "export_run", "export_step", "ema_state_dict"]
@@ -38,7 +40,7 @@ def ema_state_dict(folder: str) -> dict[str, torch.Tensor]:
     """Whole fp32 tensors from the EMA shards of ``folder`` (``ema/<engine>/rank*.pt``, any world
     size), without a process group."""
     files = sorted(f for f in os.listdir(folder) if f.startswith("rank") and f.endswith(".pt"))
-    states = [torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True) for f in files]
+    states = [safe_load.load(os.path.join(folder, f), map_location="cpu") for f in files]
     if not states or len(states) != states[0]["world_size"]:
         raise ResolveError(f"EMA shards in {folder} are incomplete ({len(states)} files)")
     out = {}

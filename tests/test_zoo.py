@@ -5,7 +5,8 @@
   (gathered inside the job with DeepSpeed's ``GatheredParameters``), also cast to bf16;
 - export -> publish to a real S3 (SeaweedFS) -> pull -> from_pretrained reproduces encode/decode
   and samples; a tampered file is refused; two concurrent publishers both land in zoo.json;
-- schema version 1 packages load through the upgrade function, newer ones are refused.
+- schema version 1 packages load through the upgrade function, newer ones are refused;
+- a text prior trained by ``vqscale train`` exports with its encoder named and loads from a zoo.
 """
 
 from __future__ import annotations
@@ -215,6 +216,51 @@ def test_text_prior_names_the_encoder_it_expects(tmp_path):
     assert enc["name"] == prior.cfg.text_encoder and "not in the package" in enc["weights"]
     assert f"text encoder: {enc['name']}" in open(os.path.join(pkg, "README.md")).read()
 
+
+def test_a_trained_text_prior_exports_and_loads_with_its_encoder_named(tmp_path):
+    """A text prior trained by `vqscale train` (live caption encoding) -> `zoo export` -> a zoo ->
+    from_pretrained: the trained weights, the tokenizer alongside, the encoder it expects named in
+    config.json and the card, and prompts sample."""
+    from model_zoo import from_pretrained, zoo
+    from model_zoo.package import read_config, save_package
+    from model_zoo.registry import create_model
+    from model_zoo.sampling import SamplingConfig
+    from pretrain.checkpoint import load_consolidated
+    from tests.test_trainer import make_codes
+
+    codes = make_codes(str(tmp_path / "codes"), shards=2, per_shard=16)      # with captions
+    tok = str(tmp_path / "tok")
+    save_package(create_model("vqgan-f8-tiny"), tok)
+    run = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "--recipe", "t2i-prior-1b-tiny", "--run-dir", run]
+    for s in (f"data.url={codes}", "steps=2", "checkpoint.every=2", "global_batch_size=8", "data.num_workers=0",
+              "validation.visuals_every=0", "validation.every=0", "log.progress=false", f"tokenizer={tok}"):
+        cmd += ["--set", s]
+    res = subprocess.run(cmd, env=job_env(), cwd=_ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    pkg = str(tmp_path / "pkg")
+    res = subprocess.run([sys.executable, "-m", "pretrain.cli", "zoo", "export", run, "--no-ema", "--out", pkg],
+                         env=job_env(), cwd=_ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    meta = read_config(pkg)
+    with torch.device("meta"):
+        preset = create_model("t2i-prior-1b-tiny")
+    enc = meta["text_encoder"]
+    assert (enc["name"], enc["overrides"]) == (preset.cfg.text_encoder, dict(preset.cfg.text_encoder_overrides))
+    assert meta["tokenizer_model"]["name"] == "vqgan-f8-tiny" and meta["card"]["training"]["steps"] == 2
+    assert f"text encoder: {enc['name']}" in open(os.path.join(pkg, "README.md")).read()
+    zoo.publish(pkg, str(tmp_path / "zoo"), name="t2i")
+    prior = from_pretrained("t2i", zoo=str(tmp_path / "zoo"))
+    assert not prior.training and prior.tokenizer.registry_name == "vqgan-f8-tiny"
+    trained = load_consolidated(os.path.join(run, "checkpoints", "step_00000002"))
+    sd = prior.state_dict()
+    assert sorted(sd) == sorted(k for k in trained if not k.startswith("text_encoder."))
+    for k, v in sd.items():
+        assert torch.equal(v, trained[k]), k
+    s = SamplingConfig(guidance_scale=2.0, temperature=1.0, top_k=0, top_p=1.0)
+    codes_out = prior.generate(["pattern 3", "pattern 7"], 2, s, torch.tensor([0, 1]))
+    assert codes_out.shape == (2, prior.num_tokens) and int(codes_out.max()) < prior.codebook_size
+    assert prior.tokenizer.decode(codes_out).shape[0] == 2
 
 @pytest.mark.s3
 @pytest.mark.multiprocess
