@@ -116,3 +116,24 @@ class Prior(nn.Module):
     def null_condition(self, batch_size: int):
         """The unconditional condition for ``batch_size`` samples (CFG, condition dropout)."""
         raise NotImplementedError
+
+
+def class_labels(condition, batch_size: int, high: int, device: torch.device, message: str) -> torch.Tensor:
+    """Class ids ``[B]`` from ``condition`` (None, an int, a sequence or a tensor; one label is
+    broadcast to the batch), on ``device``, checked to lie in ``[-1, high]``.
+
+    The range check runs where the labels are: on the host before they are copied (free), and
+    on an accelerator as an asynchronous device assert. An eager ``bool(...)`` there would make
+    every training step wait for the device (a host sync) just to read one flag."""
+    y = torch.as_tensor(-1 if condition is None else condition, dtype=torch.long).reshape(-1)
+    if y.numel() == 1 and batch_size != 1:
+        y = y.expand(batch_size)
+    if y.shape[0] != batch_size:
+        raise ValueError(f"{y.shape[0]} labels for a batch of {batch_size}")
+    ok = ((y >= -1) & (y <= high)).all()
+    if y.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
+    return y.to(device, non_blocking=True)

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .interfaces import Prior
+from .interfaces import Prior, class_labels
 from .registry import register_model
 from .sampling import SamplingConfig, cfg_logits, sample_tokens
 from .transformer import Transformer, TransformerConfig
@@ -155,16 +155,8 @@ class Stackformer(Prior):
 
     def _labels(self, condition, batch_size: int) -> torch.Tensor:
         """Class ids in ``[0, num_classes]`` (``-1`` / None -> the null class), ``[B]``."""
-        dev = self.step_embed.device
-        if condition is None:
-            condition = -1
-        y = torch.as_tensor(condition, dtype=torch.long, device=dev).reshape(-1)
-        if y.numel() == 1 and batch_size != 1:
-            y = y.expand(batch_size)
-        if y.shape[0] != batch_size:
-            raise ValueError(f"condition has {y.shape[0]} labels for a batch of {batch_size}")
-        if bool(((y < -1) | (y >= self.num_classes)).any()):
-            raise ValueError(f"class labels must be in [-1, {self.num_classes})")
+        y = class_labels(condition, batch_size, self.num_classes - 1, self.step_embed.device,
+                         f"class labels must be in [-1, {self.num_classes})")
         return torch.where(y < 0, torch.full_like(y, self.num_classes), y)
 
     # ---- teacher forcing --------------------------------------------------------------------

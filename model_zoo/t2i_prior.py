@@ -133,6 +133,8 @@ def _compact(hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     mask = mask.gather(1, order)
     hidden = hidden.gather(1, order[..., None].expand_as(hidden))
     lengths = mask.sum(1)
+    if hidden.device.type == "meta":    # structure only (FLOP counts): no values to cut by
+        return hidden, mask, lengths
     longest = int(lengths.max()) if lengths.numel() else 0
     return hidden[:, :longest], mask[:, :longest], lengths
 
@@ -244,9 +246,12 @@ class T2IPrior(Prior):
     def _drop_captions(self, hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Training: each caption becomes the empty caption with probability ``caption_dropout``."""
         b = hidden.shape[0]
-        drop = torch.rand(b, device=hidden.device) < self.cfg.caption_dropout
+        # drawn on the host: whether any caption drops decides the shapes below, and reading that
+        # from an accelerator would stall every training step on a host sync
+        drop = torch.rand(b) < self.cfg.caption_dropout
         if not bool(drop.any()):
             return hidden, mask
+        drop = drop.to(hidden.device, non_blocking=True)
         nh, nm = self._null_text(b)
         length = max(hidden.shape[1], nh.shape[1])
         (hidden, mask), (nh, nm) = _pad_to(hidden, mask, length), _pad_to(nh, nm, length)

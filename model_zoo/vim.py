@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .interfaces import Prior
+from .interfaces import Prior, class_labels
 from .registry import register_model
 from .sampling import SamplingConfig, cfg_logits, sample_tokens
 from .transformer import Transformer, TransformerConfig
@@ -128,14 +128,8 @@ class VIM(Prior):
     def _labels(self, condition, batch_size: int) -> torch.Tensor:
         """Class ids ``[B]`` in ``[0, num_classes]``: ``-1`` (or None) -> the null class; a single
         label is broadcast to the batch."""
-        y = torch.as_tensor(-1 if condition is None else condition, dtype=torch.long, device=self._device)
-        y = y.reshape(-1)
-        if y.numel() == 1 and batch_size != 1:
-            y = y.expand(batch_size)
-        if y.shape[0] != batch_size:
-            raise ValueError(f"{y.shape[0]} labels for a batch of {batch_size}")
-        if bool(((y < -1) | (y > self.num_classes)).any()):
-            raise ValueError(f"labels must be in [-1, {self.num_classes}] (-1 / {self.num_classes} = unconditional)")
+        y = class_labels(condition, batch_size, self.num_classes, self._device,
+                         f"labels must be in [-1, {self.num_classes}] (-1 / {self.num_classes} = unconditional)")
         return torch.where(y < 0, torch.full_like(y, self.null_class), y)
 
     def _embed(self, labels: torch.Tensor | None, codes: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -77,6 +77,7 @@ class LogConfig:
     profile_steps: int = 0           # > 0: a torch.profiler trace of that many steps into RUN_DIR/profile/
     profile_start: int = 5
     record_keys: bool = False        # RUN_DIR/keys/rank{r}.jsonl: the sample keys of every step (audits)
+    peak_tflops: float = 0.0         # MFU's denominator; 0 = the GPU's datasheet bf16 peak (pretrain/flops.py)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from . import checkpoint as ckpt
 from .config import to_dict, write_resolved
 from .distributed import init_distributed, process_stop_flag, setup_rank_logging
 from .engine import EMA, build_engine, gradient_accumulation_steps
+from .flops import peak_flops, step_flops_per_sample
 from .metrics import MetricLogger, update_status
 from .objectives import COLLAPSE_METRIC, CaptionTokenizer, build_objective
 from .recipes import RunConfig
@@ -66,12 +67,9 @@ from .repro import run_metadata, seed_everything
 
 log = logging.getLogger("vqscale.trainer")
 
-__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "model_from_config", "flops_per_sample"]
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "model_from_config"]
 
 # Dense bf16 peak FLOP/s per GPU, for model FLOPs utilization (unknown devices report no MFU).
-_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; a checkpoint of the last good weights was written."""
 
@@ -115,22 +113,9 @@ def model_from_config(cfg: RunConfig, derived: dict[str, Any] | None = None, dev
         return create_model(cfg.model, **args)
 
 
-def flops_per_sample(module: nn.Module, *inputs) -> float:
-    """Training FLOPs per sample: 3x the forward FLOPs that torch's FlopCounterMode counts on
-    ``inputs`` (backward ~ 2x forward), divided by the batch size."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(*inputs)
-    return 3.0 * counter.get_total_flops() / max(1, len(inputs[0]))
-
-
-def _peak_flops() -> float | None:
-    if not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR") == "cpu":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in _PEAK_BF16.items() if k in name), None)
+def _or_nonfinite(flag: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor:
+    bad = ~torch.isfinite(loss.detach()).all()
+    return bad if flag is None else flag | bad
 
 
 def _local_dir(run_dir: str) -> str:
@@ -233,6 +218,7 @@ class Trainer:
             self.val_state = self.val_loader.state_dict()
         self._collapse_warned = -10**9
         self.counters = {"skipped_steps": 0, "consecutive_skips": 0, "nonfinite_losses": 0}
+        self._pending: list[tuple[str, torch.Tensor | None]] = []    # device flags not yet counted
         if self.gan:
             self.counters.update({"disc_skipped_steps": 0, "disc_consecutive_skips": 0, "disc_nonfinite_losses": 0})
 
@@ -342,7 +328,9 @@ class Trainer:
         micro-batch's reals and detached reconstructions -> its engine's backward -> step."""
         cfg, engine, disc = self.cfg, self.engine, self.disc_engine
         sums: dict[str, torch.Tensor] = {}
-        info = {"wait": 0.0, "samples": 0, "tokens": 0, "keys": [], "nonfinite": False, "disc_nonfinite": False,
+        # non-finite flags stay on the device (summed into the counters at the next log or save):
+        # reading them here would make every step wait for the device
+        info = {"wait": 0.0, "samples": 0, "tokens": 0, "keys": [], "nonfinite": None, "disc_nonfinite": None,
                 "disc_ran": False}
         before = engine.skipped_steps
         disc_before = disc.skipped_steps if disc is not None else 0
@@ -362,12 +350,10 @@ class Trainer:
                 disc.step()
                 metrics = {**metrics, **d_metrics}
                 info["disc_ran"] = True
-                if not torch.isfinite(d_loss.detach()).all():
-                    info["disc_nonfinite"] = True
+                info["disc_nonfinite"] = _or_nonfinite(info["disc_nonfinite"], d_loss)
             for k, v in metrics.items():
                 sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
-            if not torch.isfinite(loss.detach()).all():
-                info["nonfinite"] = True
+            info["nonfinite"] = _or_nonfinite(info["nonfinite"], loss)
             n = len(batch["key"])
             info["samples"] += n
             if "codes" in batch:
@@ -411,7 +397,15 @@ class Trainer:
 
                 save_grid(images, storage.join(self.run_dir, "samples", f"{name}_{ckpt.step_name(self.step)}.png"))
 
+    def _settle_counters(self) -> None:
+        """Add the steps' non-finite flags (device tensors) to the counters: one host sync."""
+        for name, flag in self._pending:
+            if flag is not None:
+                self.counters[name] += int(flag)
+        self._pending.clear()
+
     def _save(self, metrics: dict[str, float]) -> str:
+        self._settle_counters()
         state = self.loader.state_dict()
         url = ckpt.save_checkpoint(self.run_dir, self.step, self.engines, emas=self.emas,
                                    samples_seen=int(state["samples"]), loader_state=state,
@@ -461,7 +455,9 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.name}", unit="step", dynamic_ncols=True)
-        peak, flops = _peak_flops(), None
+        peak = None if os.environ.get("DS_ACCELERATOR") == "cpu" and not cfg.log.peak_tflops else \
+            peak_flops(self.device, cfg.log.peak_tflops or None)
+        flops = None
         state, last_metrics = "finished", {}
         window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "tokens": 0, "steps": 0}
         prof = None
@@ -477,8 +473,7 @@ class Trainer:
                     if self.step >= cfg.log.profile_start + cfg.log.profile_steps:
                         prof.stop()
                         prof = None
-                if info["nonfinite"]:
-                    self.counters["nonfinite_losses"] += 1
+                self._pending.append(("nonfinite_losses", info["nonfinite"]))
                 if info["skipped"]:
                     self.counters["skipped_steps"] += 1
                     self.counters["consecutive_skips"] += 1
@@ -489,7 +484,7 @@ class Trainer:
                     for ema in self.emas.values():
                         ema.update()
                 if self.gan and info["disc_ran"]:
-                    self.counters["disc_nonfinite_losses"] += int(info["disc_nonfinite"])
+                    self._pending.append(("disc_nonfinite_losses", info["disc_nonfinite"]))
                     if info["disc_skipped"]:
                         self.counters["disc_skipped_steps"] += 1
                         self.counters["disc_consecutive_skips"] += 1
@@ -556,6 +551,8 @@ class Trainer:
                 bar.close()
             if keys_file is not None:
                 keys_file.close()
+            with contextlib.suppress(Exception):     # a failed device must not hide the real error
+                self._settle_counters()
             self._status(state)
             self.logger.close()
         return TrainResult(run_dir=self.run_dir, state=state, step=self.step, last_checkpoint=self.last_checkpoint,
@@ -564,6 +561,7 @@ class Trainer:
 
     def _log(self, metrics: dict[str, torch.Tensor], window: dict, flops: float | None,
              peak: float | None) -> dict[str, float]:
+        self._settle_counters()
         out = _mean_over_ranks(metrics, self.reduce_device)
         dt = max(1e-9, time.perf_counter() - window["t"])
         extra = {"images_per_s": window["samples"] * self.world / dt,
@@ -597,18 +595,8 @@ class Trainer:
         return out
 
     def _measure_flops(self) -> float:
-        """Training FLOPs per sample of this rank's model, counted once on a fixed input."""
-        module = self.engine.module
-        with _no_rng():
-            batch = self._visual_batch()
-            if self.cfg.stage == "tokenizer":
-                return flops_per_sample(module, batch["image"][:1].to(self.device))
-            codes = batch["codes"][:1].to(self.device).long()
-            cond = self.objective.condition(module, batch, 1)
-            if isinstance(cond, torch.Tensor):
-                cond = cond.to(self.device)
-            pos = batch.get("positions")
-            return flops_per_sample(module, codes, cond, None if pos is None else pos[:1].to(self.device).long())
+        """Training FLOPs per sample of one step, counted once from the shapes (pretrain/flops.py)."""
+        return step_flops_per_sample(self.cfg, self.derived)["total"]
 
     def _start_profiler(self):
         from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
