@@ -12,8 +12,14 @@ at depth 2 so that the uncached run finishes in a few minutes on 2 CPU cores; on
 ``--depth 12`` for the full vim-small. Rates are samples x tokens per second of wall time
 (after one warm-up run of the cached path, which also warms the kernels the uncached path uses).
 
-Prints a table and the speed-up (target: cache >= 10x at 1024 tokens) and writes JSON to
-``benchmarks/results/bench_sampling.json``.
+Then, with the cache only, images/s at each batch of ``--sweep-batches`` (default 1, 16, 64),
+and, with ``--tokenize PRESET``, the ``vqscale tokenize`` job's images/s: a package of that
+tokenizer preset (random weights) over JPEG photo crops at its resolution, through the real job
+(loader, encode, code shards, manifest).
+
+Prints tables and the speed-up (target: cache >= 10x at 1024 tokens) and writes JSON to
+``benchmarks/results/bench_sampling.json``. ``--small``: depth 1, 256 tokens, batches 1 and 4, the
+tiny tokenizer: the reduced form CI runs.
 """
 
 from __future__ import annotations
@@ -58,7 +64,39 @@ def run(model, batch: int, cfg: SamplingConfig, device: torch.device, repeats: i
     return best, codes
 
 
-def main() -> None:
+def sweep(model, batches: list[int], cfg: SamplingConfig, device: torch.device, repeats: int) -> list[dict]:
+    rows = []
+    for b in batches:
+        t, _ = run(model, b, cfg, device, repeats)
+        rows.append({"batch": b, "seconds": t, "images_per_s": b / t, "tokens_per_s": b * model.num_tokens / t})
+        print(f"batch {b:>4}: {t:8.2f} s  {b / t:8.2f} images/s  {b * model.num_tokens / t:10.1f} tokens/s")
+    return rows
+
+
+def tokenize_rate(preset: str, images: int, device: torch.device) -> dict:
+    """The tokenize job's own images/s on synthetic photos (random-weight package of ``preset``)."""
+    import shutil
+    import tempfile
+
+    from benchmarks.bench_loader import build_dataset
+    from model_zoo.package import save_package
+    from pretrain.tokenize_job import run_tokenize
+
+    work = tempfile.mkdtemp(prefix="vqs-bench-tok-")
+    try:
+        torch.manual_seed(0)
+        tok = create_model(preset)
+        pkg = save_package(tok, os.path.join(work, "tok"))
+        build_dataset(os.path.join(work, "data"), images, per_shard=128)
+        s = run_tokenize(pkg, os.path.join(work, "data"), os.path.join(work, "codes"), batch_size=32,
+                         device=device.type, progress=False)
+        return {"preset": preset, "resolution": int(tok.image_size), "images": s["samples"],
+                "images_per_s": s["images_per_s"], "device": str(device)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="vim-small")
     ap.add_argument("--depth", type=int, default=2, help="override the preset's depth (0 = keep it)")
@@ -69,9 +107,17 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of the cached path (best is kept)")
+    ap.add_argument("--sweep-batches", default="1,16,64", help="batches timed with the cache (images/s)")
+    ap.add_argument("--tokenize", default="", help="also time the tokenize job with this tokenizer preset "
+                                                   "(e.g. vit-vqgan-bb; random weights)")
+    ap.add_argument("--tokenize-images", type=int, default=512)
+    ap.add_argument("--small", action="store_true", help="a fast reduced form (CI)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "bench_sampling.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.small:
+        args.depth, args.tokens, args.sweep_batches, args.repeats = 1, 256, "1,4", 1
+        args.tokenize, args.tokenize_images = args.tokenize or "vit-vqgan-ss-tiny", 64
 
     device = torch.device(args.device)
     if args.threads:
@@ -102,6 +148,14 @@ def main() -> None:
     for name, t, r in rows:
         print(f"{name:<10} {n:>7} {t:>9.2f} {r:>10.1f}")
     print(f"\nspeed-up with the KV cache: {ratio:.1f}x (target >= 10x); identical samples: {same}")
+    print("\nwith the KV cache:")
+    batches = sweep(model, [int(b) for b in args.sweep_batches.split(",") if b], SamplingConfig(**base), device,
+                    args.repeats)
+    tok = None
+    if args.tokenize:
+        tok = tokenize_rate(args.tokenize, args.tokenize_images, device)
+        print(f"\ntokenize job, {tok['preset']} at {tok['resolution']} px: {tok['images_per_s']:.1f} images/s "
+              f"({tok['images']} images)")
 
     result = {
         "preset": args.preset, "depth": tcfg.depth, "width": tcfg.width, "heads": tcfg.heads,
@@ -114,8 +168,9 @@ def main() -> None:
         "cache": {"seconds": t_cache, "tokens_per_s": n / t_cache, "repeats": args.repeats},
         "no_cache": {"seconds": t_full, "tokens_per_s": n / t_full},
         "speedup": ratio, "identical_samples": same, "target_speedup": 10.0, "meets_target": ratio >= 10.0,
+        "batches": batches, "tokenize": tok, "small": args.small,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")

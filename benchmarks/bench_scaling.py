@@ -1,53 +1,59 @@
 """ZeRO scaling on real processes: model-state memory per rank and collective bytes per step.
 
-    python benchmarks/bench_scaling.py [--ranks 1,2,4] [--stages 1,2,3] [--model vim-base-tiny]
-                                       [--model-args '{"transformer": {"width": 256}}'] [--small]
+    python benchmarks/bench_scaling.py [--ranks 1,2,4] [--stages 1,2,3,3r] [--model vim-base-tiny]
+        [--model-args '{"transformer": {"width": 256, "mlp_dim": 1024}}'] [--ds-config JSON] [--small]
 
-Owns the measurement of how DeepSpeed ZeRO (stages 1, 2, 3) divides the model states over N
-data-parallel ranks, as vqscale builds its engines (``pretrain.engine.build_engine``, fp32, the
-prior objective ``pretrain.objectives.PriorObjective`` on synthetic codes and labels). For each
-(stage, N) the parent starts ``python -m torch.distributed.run --nproc-per-node N`` on this file
-(``DS_ACCELERATOR=cpu``, gloo, ``OMP_NUM_THREADS=1``); each rank trains ``--warmup`` steps, then one
-measured step, and reports:
+Owns the measurement of how DeepSpeed ZeRO divides the model states over N data-parallel ranks
+when vqscale builds the engine (``pretrain.engine.build_engine``, fp32, the prior objective
+``pretrain.objectives.PriorObjective`` on random codes and labels). For each (stage, N) the parent
+starts ``python -m torch.distributed.run --nproc-per-node N`` on this file (``DS_ACCELERATOR=cpu``,
+gloo, ``OMP_NUM_THREADS=1``); each rank trains ``--warmup`` steps, then one measured step, and
+writes what it holds and what it sent:
 
-* memory held by the rank: parameters (ZeRO-3: the partition ``param.ds_tensor`` of each parameter
-  plus any whole parameter left resident; ZeRO-1/2: the whole parameters), the optimizer's fp32
-  master partition (``single_partition_of_fp32_groups`` / ``fp32_partitioned_groups_flat``) and its
-  AdamW state tensors (``exp_avg``, ``exp_avg_sq``, ``step``), the gradient partition held after
-  backward, DeepSpeed's gradient bucket buffers (ZeRO-1/2, reported apart: ``torch.empty`` of
-  ``reduce_bucket_size`` elements, virtual until touched on CPU), padding, and peak RSS;
-* communication: every torch.distributed collective called during the measured step (forward,
-  backward, optimizer step) is wrapped to sum its payload bytes per op (all_reduce: the tensor;
-  all_gather: the gathered output; reduce_scatter: the input; broadcast/reduce: the tensor) and
-  an estimate of the bytes each rank sends under a ring model (all_reduce 2(N-1)/N, the others
-  (N-1)/N of the payload). A collective over a 1-rank group moves nothing and counts 0 bytes.
+* memory: parameters (ZeRO-3: each parameter's partition ``ds_tensor`` plus any whole parameter
+  left resident; ZeRO-1/2: the whole parameters), the optimizer's fp32 master partition
+  (``single_partition_of_fp32_groups`` / ``fp32_partitioned_groups_flat``) and AdamW state
+  (``exp_avg``, ``exp_avg_sq``, ``step``), the gradients held after backward, DeepSpeed's gradient
+  bucket buffers (apart: ``torch.empty`` of ``reduce_bucket_size`` elements, virtual until touched
+  on CPU), the padding of the partitions, and peak RSS (and its growth after imports);
+* communication: the torch.distributed collectives are wrapped, and during the measured step
+  (forward, backward, optimizer step) each call adds its payload per op (all_reduce, broadcast,
+  reduce: the tensor; all_gather: the gathered output; reduce_scatter: the input) and the bytes
+  each rank sends under a ring model (all_reduce 2(N-1)/N of the payload, the others (N-1)/N).
+  A collective over a 1-rank group moves nothing and counts 0.
 
-The global batch is ``--micro-batch`` x N (no gradient accumulation: one micro-step per step), so
-every rank does the same work at every N. Prints a table and writes JSON (default
-``benchmarks/results/bench_scaling.json``) with the environment. No timing is asserted.
+Stages: ``1``, ``2``, ``3`` as vqscale configures them; ``3r`` is ZeRO-3 with no prefetch and no
+reuse window, so every parameter is freed after each use and gathered again in backward: what a
+model far larger than DeepSpeed's windows (1e9 elements reuse distance, 5e7 prefetch) sees. The
+global batch is ``--micro-batch`` x N (one micro-step per step): every rank does the same work at
+every N. Prints a table and writes JSON (``benchmarks/results/bench_scaling.json``) with the
+environment. Nothing is timed against a target; tests/test_bench_scaling.py checks the physics.
 
-Expected physics (checked by tests/test_bench_scaling.py on the ``--small`` run):
+Expected physics (Psi = fp32 model bytes):
 
-* ZeRO-3: parameter and optimizer-state bytes per rank fall as ~1/N;
-* ZeRO-1/2: optimizer state (fp32 master + AdamW moments) falls as 1/N, parameters stay whole, so
-  the total falls towards the parameter bytes; ZeRO-2 also keeps only a gradient partition;
-* ZeRO-3 moves more bytes per step than ZeRO-2: it all-gathers the parameters in forward and again
-  in backward and reduce-scatters the gradients (~3x the model), where ZeRO-1/2 reduce the
-  gradients and all-gather the updated parameters (~2x the model).
+* ZeRO-3: parameter, gradient and optimizer bytes per rank all fall as ~1/N;
+* ZeRO-1/2: optimizer state (fp32 master + AdamW moments = 3 Psi) falls as 1/N, parameters stay
+  whole, so model states fall from 5 Psi to Psi + 4 Psi/N (0.6 at N=2), not 1/N;
+* per step ZeRO-1/2 move 2 Psi of payload (gradient reduction + all-gather of the updated
+  parameters) and ZeRO-3r 3 Psi (parameter all-gathers in forward and in backward + gradient
+  reduce-scatter). Plain ``3`` on a small model gathers only once: the prefetcher fetches the
+  backward uses ahead and the reuse window keeps them, so it moves 2 Psi like ZeRO-2;
 * DeepSpeed pads partitions (ZeRO-3: each parameter to a multiple of N; ZeRO-1/2: each flat group
-  to an alignment multiple of N), so a small model deviates from exact 1/N; the padding is reported.
+  to a multiple of 2N), so a small model deviates from exact 1/N; ``pad`` counts those elements.
 
-Notes: in fp32 DeepSpeed still keeps a separate fp32 master copy of the partition (a clone of the
-fp32 parameters), so ZeRO model states are 16 bytes/param (+4 for gradients), not 12. ZeRO-3 runs
-with ``param_persistence_threshold=0`` by default (``--persistence-threshold``): the project default
-(100k elements) keeps every parameter of the tiny presets whole on every rank. Every rank builds the
-whole model before DeepSpeed partitions it, so peak RSS includes one whole fp32 model.
+DeepSpeed 0.19.8 quirks this measures: in fp32 it still keeps a separate fp32 master copy (a clone
+of the fp32 parameters), so model states are 20 bytes/param, not 16; ZeRO-1/2 all-reduce the whole
+gradient bucket (``use_multi_rank_bucket_allreduce``, on by default) and keep their slice, sending
+2 Psi (N-1)/N where a reduce to the owner sends Psi (N-1)/N (``--ds-config '{"zero_optimization":
+{"use_multi_rank_bucket_allreduce": false}}'``); with accumulation 1, ZeRO-1 behaves as ZeRO-2.
+ZeRO-3 runs with ``param_persistence_threshold=0`` (``--persistence-threshold``): vqscale's
+default (100k elements) keeps every parameter of the tiny presets whole on every rank. Every rank
+builds the whole model before DeepSpeed partitions it, so peak RSS includes one whole fp32 model.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import functools
 import glob
@@ -69,9 +75,7 @@ DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "bench_scaling.json")
 
 
 def parse_stage(spec: str) -> tuple[int, bool]:
-    """``"1"``, ``"2"``, ``"3"``: that ZeRO stage as vqscale configures it; ``"3r"``: ZeRO-3 that
-    releases every parameter after each use (``stage3_prefetch_bucket_size=0``,
-    ``stage3_max_reuse_distance=0``), the regime of a model much larger than those windows."""
+    """``"1"``/``"2"``/``"3"`` -> (stage, False); ``"3r"`` -> (3, True): ZeRO-3 releasing after each use."""
     if spec not in ("1", "2", "3", "3r"):
         raise ValueError(f"unknown stage {spec!r}; use 1, 2, 3 or 3r")
     return int(spec[0]), spec == "3r"
@@ -86,34 +90,40 @@ def _sum(ts) -> int:
     return sum(_sum(t) if isinstance(t, (list, tuple)) else _nbytes(t) for t in (ts or []))
 
 
+def _allreduce(n: int) -> float:
+    return 2 * (n - 1) / n
+
+
+def _ring(n: int) -> float:
+    return (n - 1) / n
+
+
 # op -> (payload bytes from its bound arguments, ring-model fraction of the payload each rank sends)
-_ALLREDUCE = lambda n: 2 * (n - 1) / n  # noqa: E731
-_RING = lambda n: (n - 1) / n          # noqa: E731
 COLLECTIVES = {
-    "all_reduce": (lambda a: _nbytes(a["tensor"]), _ALLREDUCE),
-    "all_reduce_coalesced": (lambda a: _sum(a["tensors"]), _ALLREDUCE),
-    "reduce": (lambda a: _nbytes(a["tensor"]), _RING),
-    "broadcast": (lambda a: _nbytes(a["tensor"]), _RING),
-    "all_gather": (lambda a: _sum(a["tensor_list"]), _RING),
-    "all_gather_into_tensor": (lambda a: _nbytes(a["output_tensor"]), _RING),
-    "_all_gather_base": (lambda a: _nbytes(a["output_tensor"]), _RING),
-    "all_gather_coalesced": (lambda a: _sum(a["output_tensor_lists"]), _RING),
-    "reduce_scatter": (lambda a: _sum(a["input_list"]), _RING),
-    "reduce_scatter_tensor": (lambda a: _nbytes(a["input"]), _RING),
-    "_reduce_scatter_base": (lambda a: _nbytes(a["input"]), _RING),
-    "all_to_all": (lambda a: _sum(a["input_tensor_list"]), _RING),
-    "all_to_all_single": (lambda a: _nbytes(a["input"]), _RING),
-    "gather": (lambda a: _nbytes(a["tensor"]), _RING),
-    "scatter": (lambda a: _nbytes(a["tensor"]), _RING),
+    "all_reduce": (lambda a: _nbytes(a["tensor"]), _allreduce),
+    "all_reduce_coalesced": (lambda a: _sum(a["tensors"]), _allreduce),
+    "reduce": (lambda a: _nbytes(a["tensor"]), _ring),
+    "broadcast": (lambda a: _nbytes(a["tensor"]), _ring),
+    "all_gather": (lambda a: _sum(a["tensor_list"]), _ring),
+    "all_gather_into_tensor": (lambda a: _nbytes(a["output_tensor"]), _ring),
+    "_all_gather_base": (lambda a: _nbytes(a["output_tensor"]), _ring),
+    "all_gather_coalesced": (lambda a: _sum(a["output_tensor_lists"]), _ring),
+    "reduce_scatter": (lambda a: _sum(a["input_list"]), _ring),
+    "reduce_scatter_tensor": (lambda a: _nbytes(a["input"]), _ring),
+    "_reduce_scatter_base": (lambda a: _nbytes(a["input"]), _ring),
+    "all_to_all": (lambda a: _sum(a["input_tensor_list"]), _ring),
+    "all_to_all_single": (lambda a: _nbytes(a["input"]), _ring),
+    "gather": (lambda a: _nbytes(a["tensor"]), _ring),
+    "scatter": (lambda a: _nbytes(a["tensor"]), _ring),
 }
 
 
 class CommCounter:
-    """Wraps the torch.distributed collectives (both the package and ``distributed_c10d`` names:
-    torch's own helpers call the latter) and, while ``active``, sums bytes per op. Installed before
-    DeepSpeed starts its comm backend, which captures ``all_gather_into_tensor`` and
-    ``reduce_scatter_tensor`` once. Only the outermost wrapped call counts (``_all_gather_base``
-    calls ``all_gather_into_tensor`` inside)."""
+    """Wraps the torch.distributed collectives under both names (``torch.distributed.X`` and
+    ``distributed_c10d.X``, which torch's own helpers call) and, while ``active``, sums bytes per
+    op. Installed before DeepSpeed starts its comm backend, which keeps references to
+    ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` from then on. Only the outermost
+    wrapped call counts (``_all_gather_base`` calls ``all_gather_into_tensor`` inside)."""
 
     def __init__(self):
         self.active, self.depth, self.ops = False, 0, {}
@@ -124,12 +134,11 @@ class CommCounter:
 
         for name, (payload, fraction) in COLLECTIVES.items():
             orig = getattr(c10d, name, None)
-            if orig is None:
-                continue
-            wrapped = self._wrap(name, orig, payload, fraction)
-            setattr(c10d, name, wrapped)
-            if getattr(dist, name, None) is orig:
-                setattr(dist, name, wrapped)
+            if orig is not None:
+                wrapped = self._wrap(name, orig, payload, fraction)
+                setattr(c10d, name, wrapped)
+                if getattr(dist, name, None) is orig:
+                    setattr(dist, name, wrapped)
 
     def _wrap(self, name, orig, payload, fraction):
         import torch.distributed as dist
@@ -142,7 +151,7 @@ class CommCounter:
                 return orig(*args, **kwargs)
             a = sig.bind(*args, **kwargs).arguments
             n = dist.get_world_size(a.get("group"))
-            moved = payload(a) if n > 1 else 0     # a 1-rank group moves nothing
+            moved = payload(a) if n > 1 else 0          # a 1-rank group moves nothing
             rec = self.ops.setdefault(name, {"calls": 0, "bytes": 0, "ring_bytes_sent": 0})
             rec["calls"] += 1
             rec["bytes"] += moved
@@ -158,23 +167,20 @@ class CommCounter:
 
 # ---- child: memory held by the rank ---------------------------------------------------------------
 def _tensors(x):
-    """Every tensor inside nested dicts/lists/tuples."""
+    """Every tensor inside nested dicts/lists/tuples. Never iterates a tensor itself: unbinding
+    ZeRO-3's 5e8-element bucket into Python objects takes tens of GB."""
     import torch
 
     if isinstance(x, torch.Tensor):
         yield x
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _tensors(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
+    elif isinstance(x, (dict, list, tuple)):
+        for v in (x.values() if isinstance(x, dict) else x):
             yield from _tensors(v)
 
 
 def _unique_bytes(ts) -> int:
-    """Bytes of distinct tensor views (the same view reached twice counts once)."""
-    seen = {(t.data_ptr(), t.numel(), t.element_size()) for t in ts if t.numel()}
-    return sum(n * e for _, n, e in seen)
+    """Bytes of the distinct tensor views (the same view reached twice counts once)."""
+    return sum(n * e for _, n, e in {(t.data_ptr(), t.numel(), t.element_size()) for t in ts if t.numel()})
 
 
 def _rss_bytes() -> int:
@@ -187,21 +193,21 @@ def param_memory(engine, world: int) -> dict:
     numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
     if engine.zero_optimization_stage() == 3:
         part = sum(p.ds_tensor.numel() for p in params)
-        resident = sum(p.data.numel() for p in params)      # released params hold 0 elements here
+        resident = sum(p.data.numel() for p in params)      # a released parameter holds 0 elements
         held = sum(_nbytes(p.ds_tensor) + _nbytes(p.data) for p in params)
-        padding = part * world - numel                     # each param padded to a multiple of N
+        padding = part * world - numel
     else:
-        part, resident, padding = numel, numel, 0
-        held = sum(_nbytes(p.data) for p in params)
+        part, resident, padding, held = numel, numel, 0, sum(_nbytes(p.data) for p in params)
     return {"numel": numel, "partition_numel": part, "resident_numel": resident, "bytes": held,
             "padding_numel_all_ranks": padding}
 
 
-def optimizer_memory(engine, world: int, trainable: int) -> dict:
+def optimizer_memory(engine, world: int) -> dict:
     opt = engine.optimizer
-    masters = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_partitioned_groups_flat")
-    master_numel = sum(t.numel() for t in masters)
+    masters = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_partitioned_groups_flat
     state = list(_tensors(list(opt.optimizer.state.values())))
+    trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters() if p.requires_grad)
+    master_numel = sum(t.numel() for t in masters)
     return {"master_bytes": _unique_bytes(masters), "state_bytes": _unique_bytes(state),
             "bytes": _unique_bytes(masters) + _unique_bytes(state), "master_numel": master_numel,
             "padding_numel_all_ranks": master_numel * world - trainable}
@@ -209,22 +215,18 @@ def optimizer_memory(engine, world: int, trainable: int) -> dict:
 
 def grad_memory(engine) -> dict:
     """Gradients held after backward, before the step: the optimizer's reduced partition and any
-    ``.grad`` still on the module, without ZeRO-1/2's bucket buffers (reported apart)."""
+    ``.grad`` still on the module, without the bucket buffers (reported apart)."""
     import torch
 
     opt = engine.optimizer
-    # ZeRO-1/2 buckets hold a list of buffers, ZeRO-3's one tensor (never iterate a tensor here:
-    # unbinding 5e8 elements into Python objects takes tens of GB)
-    buckets = list(_tensors([bucket.buffer for bucket in getattr(opt, "ipg_buckets", {}).values()]))
-    bucket_storages = {b.untyped_storage().data_ptr() for b in buckets}
+    buckets = list(_tensors([b.buffer for b in getattr(opt, "ipg_buckets", {}).values()]))
+    in_bucket = {b.untyped_storage().data_ptr() for b in buckets}
     held = list(_tensors(getattr(opt, "averaged_gradients", {})))
-    flat = getattr(opt, "grad_partitions_flat_buffer", None)       # ZeRO-3: all grad partitions
-    held += [flat] if isinstance(flat, torch.Tensor) else []
     held += [p.grad for p in engine.module.parameters() if p.grad is not None]
-    held = [t for t in held if t.untyped_storage().data_ptr() not in bucket_storages]
-    if isinstance(flat, torch.Tensor):   # its views (ZeRO-3 averaged_gradients) are inside it
-        lo, hi = flat.data_ptr(), flat.data_ptr() + _nbytes(flat)
-        held = [t for t in held if t is flat or not lo <= t.data_ptr() < hi]
+    flat = getattr(opt, "grad_partitions_flat_buffer", None)      # ZeRO-3: every grad partition
+    if isinstance(flat, torch.Tensor):                             # (averaged_gradients are views)
+        held = [flat] + [t for t in held if t.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()]
+    held = [t for t in held if t.untyped_storage().data_ptr() not in in_bucket]
     return {"bytes": _unique_bytes(held), "bucket_bytes": sum(_nbytes(b) for b in buckets)}
 
 
@@ -233,6 +235,7 @@ def child(args) -> None:
     counter.install()
     import resource
 
+    import deepspeed  # noqa: F401  (imported before the RSS baseline)
     import torch
     import torch.distributed as dist
 
@@ -248,17 +251,17 @@ def child(args) -> None:
             raise SystemExit(f"{args.model}: not a class-conditional prior (no {attr}); pick a VIM preset")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     stage, release = parse_stage(args.stage)
-    settings = DeepSpeedSettings(zero_stage=stage, bf16=False, param_persistence_threshold=args.persistence_threshold)
-    if release:   # no prefetch, no reuse window: every submodule's params are freed after each use
-        settings = dataclasses.replace(settings, prefetch_bucket_size=0,
-                                       passthrough={"zero_optimization": {"stage3_max_reuse_distance": 0}})
+    passthrough = json.loads(args.ds_config)
+    if release:
+        passthrough.setdefault("zero_optimization", {})["stage3_max_reuse_distance"] = 0
+    settings = DeepSpeedSettings(zero_stage=stage, bf16=False, param_persistence_threshold=args.persistence_threshold,
+                                 prefetch_bucket_size=0 if release else DeepSpeedSettings.prefetch_bucket_size,
+                                 passthrough=passthrough)
     engine = build_engine(model, OptimConfig(total_steps=0), settings, micro_batch_size=args.micro_batch,
                           global_batch_size=args.micro_batch * world)
     rank = dist.get_rank()
-    objective = PriorObjective()
-    models = {"model": engine}
+    objective, models = PriorObjective(), {"model": engine}
     gen = torch.Generator().manual_seed(1000 + rank)
-    trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters() if p.requires_grad)
 
     def step(measure: bool) -> dict:
         batch = {"codes": torch.randint(model.codebook_size, (args.micro_batch, model.num_tokens), generator=gen),
@@ -270,20 +273,16 @@ def child(args) -> None:
         grads = grad_memory(engine)
         engine.step()
         counter.active = False
-        return {"loss": float(loss.detach()), "seconds": time.perf_counter() - t0, "grads": grads}
+        return {"loss": float(loss.detach()), "step_seconds": time.perf_counter() - t0, "grads": grads}
 
-    for _ in range(args.warmup):
+    for _ in range(args.warmup):      # the optimizer state exists and ZeRO-3 has traced the modules
         step(False)
-    measured = step(True)
-    result = {
-        "rank": rank, "world": world, "stage": args.stage, "loss": measured["loss"], "step_seconds": measured["seconds"],
-        "params": param_memory(engine, world), "optimizer": optimizer_memory(engine, world, trainable),
-        "grads": measured["grads"], "comm": counter.ops,
-        "comm_bytes": sum(r["bytes"] for r in counter.ops.values()),
-        "comm_ring_bytes_sent": sum(r["ring_bytes_sent"] for r in counter.ops.values()),
-        "rss_start_bytes": rss_start, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "optimizer_class": type(engine.optimizer).__name__,
-    }
+    result = {"rank": rank, "world": world, "stage": stage, "release": release, **step(True),
+              "params": param_memory(engine, world), "optimizer": optimizer_memory(engine, world),
+              "comm": counter.ops, "comm_bytes": sum(r["bytes"] for r in counter.ops.values()),
+              "comm_ring_bytes_sent": sum(r["ring_bytes_sent"] for r in counter.ops.values()),
+              "rss_start_bytes": rss_start, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "optimizer_class": type(engine.optimizer).__name__}
     with open(os.path.join(args.child_out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.barrier()
@@ -291,17 +290,19 @@ def child(args) -> None:
 
 
 # ---- parent ---------------------------------------------------------------------------------------
-def run_config(args, stage: int, n: int) -> dict:
-    """One torchrun job of ``n`` ranks at ``stage``; the per-rank results and their worst rank."""
+def run_config(args, spec: str, n: int) -> dict:
+    """One torchrun job of ``n`` ranks at stage ``spec``: its per-rank results and a summary (the
+    worst rank of each quantity)."""
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--rdzv-backend=c10d",
-               "--rdzv-endpoint=127.0.0.1:0", os.path.abspath(__file__), "--child-out", tmp, "--stage", str(stage),
+               "--rdzv-endpoint=127.0.0.1:0", os.path.abspath(__file__), "--child-out", tmp, "--stage", spec,
                "--model", args.model, "--model-args", args.model_args, "--micro-batch", str(args.micro_batch),
-               "--warmup", str(args.warmup), "--persistence-threshold", str(args.persistence_threshold)]
+               "--warmup", str(args.warmup), "--persistence-threshold", str(args.persistence_threshold),
+               "--ds-config", args.ds_config]
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
         t0 = time.perf_counter()
-        # own session: on a time-out the whole job (torchrun and its workers) is killed, not torchrun alone
+        # its own session, so that a time-out kills torchrun's workers too, not torchrun alone
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                 start_new_session=True)
         try:
@@ -309,56 +310,60 @@ def run_config(args, stage: int, n: int) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            raise RuntimeError(f"stage {stage}, {n} ranks: no result after {args.timeout} s") from None
+            raise RuntimeError(f"stage {spec}, {n} ranks: no result after {args.timeout} s") from None
         if proc.returncode != 0:
-            raise RuntimeError(f"stage {stage}, {n} ranks failed (rc {proc.returncode}):\n{err[-4000:]}")
+            raise RuntimeError(f"stage {spec}, {n} ranks failed (rc {proc.returncode}):\n{err[-4000:]}")
         ranks = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(tmp, "rank*.json")))]
     if len(ranks) != n:
-        raise RuntimeError(f"stage {stage}, {n} ranks: {len(ranks)} results")
-
-    def worst(get):
-        return max(get(r) for r in ranks)
-
-    summary = {
-        "stage": stage, "ranks": n, "wall_seconds": round(time.perf_counter() - t0, 1),
-        "param_bytes": worst(lambda r: r["params"]["bytes"]),
-        "optimizer_bytes": worst(lambda r: r["optimizer"]["bytes"]),
-        "grad_bytes": worst(lambda r: r["grads"]["bytes"]),
-        "bucket_bytes": worst(lambda r: r["grads"]["bucket_bytes"]),
-        "comm_bytes": worst(lambda r: r["comm_bytes"]),
-        "comm_ring_bytes_sent": worst(lambda r: r["comm_ring_bytes_sent"]),
-        "peak_rss_bytes": worst(lambda r: r["peak_rss_bytes"]),
-        "param_padding_numel": ranks[0]["params"]["padding_numel_all_ranks"],
-        "optimizer_padding_numel": ranks[0]["optimizer"]["padding_numel_all_ranks"],
-        "numel": ranks[0]["params"]["numel"],
-        "comm_ops": {op: v for op, v in ranks[0]["comm"].items()},
-    }
-    summary["model_state_bytes"] = summary["param_bytes"] + summary["grad_bytes"] + summary["optimizer_bytes"]
+        raise RuntimeError(f"stage {spec}, {n} ranks: {len(ranks)} results")
+    worst = {k: max(get(r) for r in ranks) for k, get in {
+        "param_bytes": lambda r: r["params"]["bytes"], "grad_bytes": lambda r: r["grads"]["bytes"],
+        "optimizer_bytes": lambda r: r["optimizer"]["bytes"], "bucket_bytes": lambda r: r["grads"]["bucket_bytes"],
+        "comm_bytes": lambda r: r["comm_bytes"], "comm_ring_bytes_sent": lambda r: r["comm_ring_bytes_sent"],
+        "peak_rss_bytes": lambda r: r["peak_rss_bytes"],
+        "rss_growth_bytes": lambda r: r["peak_rss_bytes"] - r["rss_start_bytes"]}.items()}
+    r0 = ranks[0]
+    summary = {"spec": spec, "stage": r0["stage"], "release": r0["release"], "ranks": n,
+               "wall_seconds": round(time.perf_counter() - t0, 1), "numel": r0["params"]["numel"], **worst,
+               "model_state_bytes": worst["param_bytes"] + worst["grad_bytes"] + worst["optimizer_bytes"],
+               "param_padding_numel": r0["params"]["padding_numel_all_ranks"],
+               "optimizer_padding_numel": r0["optimizer"]["padding_numel_all_ranks"], "comm_ops": r0["comm"]}
     return {"summary": summary, "per_rank": ranks}
 
 
-def _mb(b: float) -> str:
-    return f"{b / 2**20:9.3f}"
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's bytes over the same stage's N=1 row (absent without one), and the ideal 1/N."""
+    base = {r["spec"]: r for r in rows if r["ranks"] == 1}
+    for r in rows:
+        r["ideal_ratio"] = 1 / r["ranks"]
+        b = base.get(r["spec"])
+        if b:
+            r["ratio_to_n1"] = {k: r[f"{k}_bytes"] / b[f"{k}_bytes"] if b[f"{k}_bytes"] else None
+                                for k in ("param", "grad", "optimizer", "model_state")}
 
 
 def print_table(rows: list[dict]) -> None:
-    base = {r["stage"]: r for r in rows if r["ranks"] == 1}
+    def mib(b: float, w: int = 9) -> str:
+        return f"{b / 2**20:{w}.3f}"
+
     head = (f"{'stage':>5} {'N':>2} {'param MiB':>9} {'grad MiB':>9} {'optim MiB':>9} {'total MiB':>9} "
-            f"{'ratio':>6} {'1/N':>5} {'comm MiB/step':>13} {'ring sent':>9} {'pad(p/o)':>11} {'peakRSS':>8}")
+            f"{'ratio':>6} {'1/N':>5} {'comm MiB/step':>13} {'ring sent':>9} {'pad p/o':>9} {'RSS MiB':>8} {'+RSS':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        b = base.get(r["stage"])
-        ratio = f"{r['model_state_bytes'] / b['model_state_bytes']:6.3f}" if b else f"{'-':>6}"
+        ratio = f"{r['ratio_to_n1']['model_state']:6.3f}" if "ratio_to_n1" in r else f"{'-':>6}"
         pad = f"{r['param_padding_numel']}/{r['optimizer_padding_numel']}"
-        print(f"{r['stage']:>5} {r['ranks']:>2} {_mb(r['param_bytes'])} {_mb(r['grad_bytes'])} "
-              f"{_mb(r['optimizer_bytes'])} {_mb(r['model_state_bytes'])} {ratio} {1 / r['ranks']:5.3f} "
-              f"{r['comm_bytes'] / 2**20:13.3f} {_mb(r['comm_ring_bytes_sent'])} {pad:>11} "
-              f"{r['peak_rss_bytes'] / 2**20:7.0f}M")
+        print(f"{r['spec']:>5} {r['ranks']:>2} {mib(r['param_bytes'])} {mib(r['grad_bytes'])} "
+              f"{mib(r['optimizer_bytes'])} {mib(r['model_state_bytes'])} {ratio} {r['ideal_ratio']:5.3f} "
+              f"{mib(r['comm_bytes'], 13)} {mib(r['comm_ring_bytes_sent'])} {pad:>9} "
+              f"{r['peak_rss_bytes'] / 2**20:8.0f} {r['rss_growth_bytes'] / 2**20:6.0f}")
+    print("\nper rank, worst rank; total = param + grad + optim; ratio = total / total at N=1; comm = payload "
+          "of the collectives of one step, ring sent = bytes a rank sends (ring model); pad = padding elements "
+          "(params / optimizer partition) over all ranks; +RSS = peak RSS minus RSS after imports")
     print("\ncollectives of the measured step (rank 0: calls x op = MiB):")
     for r in rows:
         ops = ", ".join(f"{v['calls']}x {op} = {v['bytes'] / 2**20:.3f}" for op, v in sorted(r["comm_ops"].items()))
-        print(f"  stage {r['stage']} N={r['ranks']}: {ops or 'none'}")
+        print(f"  stage {r['spec']} N={r['ranks']}: {ops or 'none'}")
 
 
 def environment() -> dict:
@@ -379,32 +384,36 @@ def environment() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="1,2,4", help="world sizes, comma separated")
-    p.add_argument("--stages", default="1,2,3", help="ZeRO stages, comma separated")
+    p.add_argument("--stages", default="1,2,3,3r", help="ZeRO stages, comma separated (3r: ZeRO-3 releasing "
+                   "every parameter after each use)")
     p.add_argument("--model", default="vim-base-tiny", help="a class-conditional prior of model_zoo.registry")
     p.add_argument("--model-args", default="{}", help="JSON overrides of the preset's config")
     p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (optimizer state, ZeRO-3 trace)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before the measured one")
     p.add_argument("--persistence-threshold", type=int, default=0, help="ZeRO-3 param_persistence_threshold")
-    p.add_argument("--small", action="store_true", help="fastest form, for CI: ranks 1,2 and stages 2,3")
+    p.add_argument("--ds-config", default="{}", help="JSON deep-merged into the DeepSpeed config (passthrough)")
+    p.add_argument("--small", action="store_true", help="fastest form, for CI: ranks 1,2 and stages 2,3,3r")
     p.add_argument("--timeout", type=float, default=600, help="seconds per torchrun job")
-    p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--stage", type=int, help=argparse.SUPPRESS)       # child only
-    p.add_argument("--child-out", help=argparse.SUPPRESS)             # child only: per-rank JSON folder
+    p.add_argument("--out", default=DEFAULT_OUT, help="JSON report path")
+    p.add_argument("--stage", help=argparse.SUPPRESS)         # child only
+    p.add_argument("--child-out", help=argparse.SUPPRESS)     # child only: folder of the per-rank JSON
     args = p.parse_args(argv)
     if args.child_out:
         child(args)
         return 0
     if args.small:
-        args.ranks, args.stages = "1,2", "2,3"
+        args.ranks, args.stages = "1,2", "2,3,3r"
     ranks = [int(x) for x in args.ranks.split(",")]
-    stages = [int(x) for x in args.stages.split(",")]
+    stages = args.stages.split(",")
+    for spec in stages:
+        parse_stage(spec)
     results = []
-    for stage in stages:
+    for spec in stages:
         for n in ranks:
-            results.append(run_config(args, stage, n))
-            s = results[-1]["summary"]
-            print(f"stage {stage} N={n}: done in {s['wall_seconds']} s", file=sys.stderr, flush=True)
+            results.append(run_config(args, spec, n))
+            print(f"stage {spec} N={n}: {results[-1]['summary']['wall_seconds']} s", file=sys.stderr, flush=True)
     rows = [r["summary"] for r in results]
+    add_ratios(rows)
     print_table(rows)
     report = {"benchmark": "bench_scaling", "environment": environment(),
               "config": {k: v for k, v in vars(args).items() if k not in ("stage", "child_out")},

@@ -1,0 +1,213 @@
+"""Training-step throughput and model FLOPs utilization of the priors and the tokenizers.
+
+    python benchmarks/bench_train.py                       # GPU: the full shapes, bf16
+    python benchmarks/bench_train.py --small               # CPU: the -tiny twins (what CI runs)
+        [--configs vim-base,vim-large,t2i-prior-1b,vit-vqgan-bb] [--steps 20] [--warmup 5]
+        [--micro-batch N] [--peak-tflops 989] [--compile] [--act-ckpt] [--workers 4] [--out FILE]
+
+Each config is the project's recipe (VIM-Base and VIM-Large at 32x32 = 1,024 tokens, the 1B
+text-conditional prior, ViT-VQGAN-Base at 256 px with its perceptual and adversarial losses and the
+StyleGAN2 discriminator on) trained by the real ``Trainer``: DeepSpeed engine, objective, EMA and
+the streaming loader over synthetic shards written first (random codes with captions; JPEG photo
+crops from the packages' sample images). LPIPS, the text encoder and the tokenizer weights are
+random: the FLOPs are the same.
+
+Per config it prints and writes (JSON): step time, images/s, tokens/s, peak memory, the fraction
+of the step spent waiting for data, the training FLOPs per sample counted from the shapes
+(``pretrain/flops.py``), and MFU against two denominators. One is the datasheet peak (989 TFLOP/s
+dense bf16 for an H100 SXM, torchtitan's figure; ``--peak-tflops`` overrides it). The other is the
+best square-matmul rate measured on the same device in the same run.
+
+Timing: ``--warmup`` steps first (compilation, allocator, loader start), then ``--steps`` steps
+between two device synchronizations. The step loop is ``Trainer._train_step`` plus the EMA
+update, as in ``Trainer.fit``, without logging and checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.bench_loader import build_dataset  # noqa: E402
+from data_pipeline.codes import CodeShardWriter, write_code_manifest  # noqa: E402
+from pretrain.config import apply_overrides  # noqa: E402
+from pretrain.flops import matmul_peak, peak_flops, step_flops_per_sample  # noqa: E402
+from pretrain.recipes import get_recipe  # noqa: E402
+
+# config -> (recipe, micro batch on a GPU, overrides); the -tiny twin is used with --small
+CONFIGS = {
+    "vim-base": ("vim-base", 32, []),
+    "vim-large": ("vim-large", 16, []),
+    "t2i-prior-1b": ("t2i-prior-1b", 16, ['model_args.text_encoder_overrides={"pretrained": false}']),
+    "vit-vqgan-bb": ("vit-vqgan-bb", 8, ["tokenizer_loss.perceptual_pretrained=false"]),
+}
+
+
+def write_codes(root: str, n: int, grid: tuple[int, int], codebook: int, classes: int, seed: int = 0) -> str:
+    """Random code shards with labels and captions (what a tokenize job writes)."""
+    rng = np.random.default_rng(seed)
+    entries, per = [], 256
+    for s in range(0, n, per):
+        w = CodeShardWriter(root, f"codes-{s // per:06d}.tar", codebook_size=codebook, grid_size=grid)
+        for i in range(s, min(n, s + per)):
+            w.write(f"{i:08d}", rng.integers(0, codebook, grid[0] * grid[1]).astype(np.int32),
+                    label=int(rng.integers(classes)), caption=f"a photo of thing {i % 97}")
+        entries.append(w.close())
+    write_code_manifest(root, entries, "synthetic", "0" * 64, grid, codebook, grid[0] * grid[1])
+    return root
+
+
+def _meta_shape(recipe: str, overrides: list[str]):
+    from pretrain.trainer import model_from_config
+
+    cfg = apply_overrides(get_recipe(recipe), overrides)
+    with torch.device("meta"):
+        return cfg, model_from_config(cfg)
+
+
+def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, peak: float | None) -> dict:
+    recipe, micro, extra = CONFIGS[name]
+    if args.small:
+        recipe, micro = recipe + "-tiny", 4
+    micro = args.micro_batch or micro
+    cfg, model = _meta_shape(recipe, extra)
+    total = (args.warmup + args.steps) * micro + micro * 8          # the loader never runs dry
+    data = os.path.join(work, name + "-data")
+    if cfg.stage == "prior":
+        write_codes(data, total, tuple(model.grid_size), int(model.codebook_size),
+                    int(getattr(model, "num_classes", 0) or 1000))
+    else:
+        build_dataset(data, total, per_shard=128)
+    sets = extra + [
+        f"run_dir={os.path.join(work, name + '-run')}", f"data.url={data}", f"steps={args.warmup + args.steps}",
+        f"global_batch_size={micro}", f"micro_batch_size={micro}", f"data.num_workers={args.workers}",
+        "validation.every=0", "validation.visuals_every=0", "log.progress=false",
+        f"compile={str(args.compile).lower()}", f"deepspeed.activation_checkpointing={str(args.act_ckpt).lower()}"]
+    if cfg.stage == "tokenizer":
+        sets.append(f"data.resolution={model.image_size}")
+    cfg = apply_overrides(cfg, sets)
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(cfg, progress=False)
+    trainer.step, trainer.samples_seen, trainer.last_checkpoint = 0, 0, None     # as fit() starts
+    trainer._setup()
+    batches = trainer._batches()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step() -> dict:
+        _, info = trainer._train_step(batches)
+        trainer.step += 1
+        if not info["skipped"]:
+            for ema in trainer.emas.values():
+                ema.update()
+        return info
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    wait, samples, tokens = 0.0, 0, 0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        info = step()
+        wait, samples, tokens = wait + info["wait"], samples + info["samples"], tokens + info["tokens"]
+    sync()
+    wall = time.perf_counter() - t0
+    flops = step_flops_per_sample(cfg, trainer.derived)
+    achieved = flops["total"] * samples / wall
+    row = {"config": name, "recipe": recipe, "stage": cfg.stage, "micro_batch": micro,
+           "parameters": int(sum(p.numel() for p in model.parameters())),
+           "bf16": bool(trainer.engine.bfloat16_enabled()), "compile": args.compile, "act_ckpt": args.act_ckpt,
+           "step_time_s": wall / args.steps, "images_per_s": samples / wall,
+           "tokens_per_s": tokens / wall if tokens else None, "data_wait_fraction": wait / wall,
+           "flops_per_sample": flops, "achieved_tflops": achieved / 1e12,
+           "mfu_vs_peak": achieved / peak if peak else None, "mfu_vs_matmul": achieved / matmul["flops"],
+           "peak_memory_gb": (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20),
+           "memory_kind": "cuda max allocated" if device.type == "cuda" else "host max RSS (whole process)"}
+    del trainer, batches
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
+    p.add_argument("--small", action="store_true", help="the -tiny twins at micro batch 4 (CPU, CI)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--micro-batch", type=int, default=0, help="override the per-config micro batch")
+    p.add_argument("--workers", type=int, default=4, help="loader worker processes")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="MFU denominator; default the GPU's datasheet bf16 peak (989 on an H100)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (DeepSpeed engine.compile)")
+    p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing of the transformer blocks")
+    p.add_argument("--work", default="", help="folder for the synthetic data and runs (default: a temp folder)")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_train.json"))
+    args = p.parse_args(argv)
+    names = [c for c in args.configs.split(",") if c]
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        p.error(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    from pretrain.distributed import init_distributed
+
+    init_distributed(timeout_s=600)
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().device_name())
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    matmul = matmul_peak(device, dtype)
+    peak = peak_flops(device, args.peak_tflops or None)
+    work = args.work or tempfile.mkdtemp(prefix="vqs-bench-train-")
+    rows = []
+    try:
+        for name in names:
+            print(f"[bench_train] {name} ...", flush=True)
+            rows.append(_run_config(name, args, work, device, matmul, peak))
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"\ndevice {dev_name}; best {matmul['dtype']} matmul {matmul['flops'] / 1e12:.2f} TFLOP/s "
+          f"(n={matmul['n']}); datasheet peak {_fmt(peak and peak / 1e12, '.0f')} TFLOP/s")
+    head = ("config", "step s", "img/s", "tok/s", "GFLOP/img", "TFLOP/s", "MFU peak", "MFU matmul", "mem GB", "wait")
+    print("  ".join(f"{h:>10}" for h in head))
+    for r in rows:
+        print("  ".join(f"{c:>10}" for c in (
+            r["config"][:10], _fmt(r["step_time_s"], ".3f"), _fmt(r["images_per_s"], ".1f"),
+            _fmt(r["tokens_per_s"], ".0f"), _fmt(r["flops_per_sample"]["total"] / 1e9, ".1f"),
+            _fmt(r["achieved_tflops"], ".3f"), _fmt(r["mfu_vs_peak"], ".1%"), _fmt(r["mfu_vs_matmul"], ".1%"),
+            _fmt(r["peak_memory_gb"], ".1f"), _fmt(r["data_wait_fraction"], ".1%"))))
+    result = {"device": dev_name, "device_type": device.type, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "torch": torch.__version__, "small": args.small, "steps": args.steps, "warmup": args.warmup,
+              "matmul": matmul, "peak_flops": peak, "rows": rows, "command": " ".join(sys.argv)}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

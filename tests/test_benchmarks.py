@@ -1,0 +1,54 @@
+"""The benchmark suite runs in its reduced form (``--small``) on a CPU: the training-step
+benchmark over every config (the -tiny twins, through the real Trainer and loader) and the
+sampling benchmark (KV cache against the uncached reference, a batch sweep, the tokenize job).
+What is checked is what must hold whatever the machine's speed, never a timing: every figure is
+there and finite, the cached and uncached samples are identical, the FLOPs come from the meta
+count, MFU against the matmul ceiling lies in (0, 1.5)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from tests.launch import ROOT, job_env
+
+
+def _bench(script: str, out: str, *args: str) -> dict:
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--small", *args, "--out", out],
+                         env=job_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
+    return json.load(open(out))
+
+
+def test_training_step_benchmark_runs_every_config(tmp_path):
+    from pretrain.config import apply_overrides
+    from pretrain.flops import step_flops_per_sample
+    from pretrain.recipes import get_recipe
+
+    r = _bench("bench_train.py", str(tmp_path / "train.json"), "--steps", "3", "--warmup", "1", "--workers", "1")
+    assert r["device_type"] == "cpu" and r["matmul"]["flops"] > 0 and r["peak_flops"] is None
+    assert [row["config"] for row in r["rows"]] == ["vim-base", "vim-large", "t2i-prior-1b", "vit-vqgan-bb"]
+    for row in r["rows"]:
+        assert row["recipe"].endswith("-tiny") and row["micro_batch"] == 4
+        for k in ("step_time_s", "images_per_s", "achieved_tflops", "peak_memory_gb"):
+            assert math.isfinite(row[k]) and row[k] > 0, (row["config"], k)
+        assert 0 <= row["data_wait_fraction"] < 1 and 0 < row["mfu_vs_matmul"] < 1.5
+        assert row["mfu_vs_peak"] is None                     # no datasheet peak for a CPU
+        assert (row["tokens_per_s"] is None) == (row["stage"] == "tokenizer")
+        cfg = get_recipe(row["recipe"])
+        if cfg.stage == "tokenizer":
+            cfg = apply_overrides(cfg, ["tokenizer_loss.perceptual_pretrained=false"])
+            assert row["flops_per_sample"]["discriminator"] > 0
+        if cfg.stage == "prior" and row["recipe"].startswith("vim"):
+            assert row["flops_per_sample"]["total"] == step_flops_per_sample(cfg)["total"]
+
+
+def test_sampling_benchmark_cache_sweep_and_tokenize_job(tmp_path):
+    r = _bench("bench_sampling.py", str(tmp_path / "sampling.json"), "--device", "cpu")
+    assert r["identical_samples"] and r["tokens"] == 256 and r["depth"] == 1
+    assert r["cache"]["tokens_per_s"] > 0 and r["no_cache"]["tokens_per_s"] > 0
+    assert [b["batch"] for b in r["batches"]] == [1, 4] and all(b["images_per_s"] > 0 for b in r["batches"])
+    assert r["tokenize"]["images"] == 64 and r["tokenize"]["images_per_s"] > 0
