@@ -3,7 +3,8 @@
     python benchmarks/bench_train.py                       # GPU: the full shapes, bf16
     python benchmarks/bench_train.py --small               # CPU: the -tiny twins (what CI runs)
         [--configs vim-base,vim-large,t2i-prior-1b,vit-vqgan-bb] [--steps 20] [--warmup 5]
-        [--micro-batch N] [--peak-tflops 989] [--compile] [--act-ckpt] [--workers 4] [--out FILE]
+        [--micro-batch N] [--peak-tflops 989] [--compile] [--act-ckpt none|full|selective]
+        [--workers 4] [--out FILE]
 
 Each config is the project's recipe (VIM-Base and VIM-Large at 32x32 = 1,024 tokens, the 1B
 text-conditional prior, ViT-VQGAN-Base at 256 px with its perceptual and adversarial losses and the
@@ -47,11 +48,14 @@ from pretrain.config import apply_overrides  # noqa: E402
 from pretrain.flops import matmul_peak, peak_flops, step_flops_per_sample  # noqa: E402
 from pretrain.recipes import get_recipe  # noqa: E402
 
-# config -> (recipe, micro batch on a GPU, overrides); the -tiny twin is used with --small
+# config -> (recipe, micro batch on a GPU, overrides); the -tiny twin is used with --small. The
+# micro batches fit an 80 GB GPU without activation checkpointing by benchmarks/bench_memory.py's
+# count (bf16 activations: VIM-Base 4.9 GB per sample, VIM-Large 13 GB, the 1B text prior 5.5 GB,
+# ViT-VQGAN-Base 3 GB without its losses); raise them with --act-ckpt selective|full.
 CONFIGS = {
-    "vim-base": ("vim-base", 32, []),
-    "vim-large": ("vim-large", 16, []),
-    "t2i-prior-1b": ("t2i-prior-1b", 16, ['model_args.text_encoder_overrides={"pretrained": false}']),
+    "vim-base": ("vim-base", 8, []),
+    "vim-large": ("vim-large", 2, []),
+    "t2i-prior-1b": ("t2i-prior-1b", 8, ['model_args.text_encoder_overrides={"pretrained": false}']),
     "vit-vqgan-bb": ("vit-vqgan-bb", 8, ["tokenizer_loss.perceptual_pretrained=false"]),
 }
 
@@ -95,7 +99,8 @@ def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, 
         f"run_dir={os.path.join(work, name + '-run')}", f"data.url={data}", f"steps={args.warmup + args.steps}",
         f"global_batch_size={micro}", f"micro_batch_size={micro}", f"data.num_workers={args.workers}",
         "validation.every=0", "validation.visuals_every=0", "log.progress=false",
-        f"compile={str(args.compile).lower()}", f"deepspeed.activation_checkpointing={str(args.act_ckpt).lower()}"]
+        f"compile={str(args.compile).lower()}",
+        f"deepspeed.activation_checkpointing={'false' if args.act_ckpt == 'none' else args.act_ckpt}"]
     if cfg.stage == "tokenizer":
         sets.append(f"data.resolution={model.image_size}")
     cfg = apply_overrides(cfg, sets)
@@ -161,7 +166,8 @@ def main(argv=None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="MFU denominator; default the GPU's datasheet bf16 peak (989 on an H100)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (DeepSpeed engine.compile)")
-    p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing of the transformer blocks")
+    p.add_argument("--act-ckpt", default="none", choices=["none", "full", "selective"],
+                   help="activation checkpointing of the blocks (benchmarks/bench_memory.py: what each saves)")
     p.add_argument("--work", default="", help="folder for the synthetic data and runs (default: a temp folder)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_train.json"))
     args = p.parse_args(argv)

@@ -133,7 +133,9 @@ class DeepSpeedSettings:
     allgather_bucket_size: int = 500_000_000
     prefetch_bucket_size: int = 50_000_000              # ZeRO-3
     param_persistence_threshold: int = 100_000          # ZeRO-3: smaller tensors stay whole on every rank
-    activation_checkpointing: bool = False
+    # True / "full": recompute whole blocks in backward; "selective": keep the outputs of matmuls
+    # and attention, recompute only the cheap ops between them (torchtitan's op-level SAC)
+    activation_checkpointing: Union[bool, Literal["full", "selective"]] = False
     passthrough: dict[str, Any] = field(default_factory=dict)
 
 
@@ -247,15 +249,47 @@ def _is_block(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Block")
 
 
-def apply_activation_checkpointing(model: nn.Module) -> int:
+def _selective_policy():
+    """Save what is expensive to recompute (matmuls, attention), recompute the rest (norms,
+    activations, dropout, residual adds): no matmul runs twice, and the elementwise
+    activations, about half of a block's saved bytes, are not kept (benchmarks/bench_memory.py)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu")
+    save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: bool | str = "full") -> int:
     """Recompute every ``*Block`` held in an ``nn.ModuleList`` (transformer, ViT, de-mask and
     VQGAN resnet/attention blocks) in the backward pass; returns how many were wrapped.
+    ``mode``: "full" (or True) recomputes the whole block; "selective" keeps matmul and attention
+    outputs and recomputes only the ops between them.
 
     The instance's ``forward`` is replaced, not the module, so parameter names and checkpoints do
     not change. torch's non-reentrant checkpoint is used (it supports keyword arguments).
     """
-    from torch.utils.checkpoint import checkpoint
+    import functools
+    import inspect
 
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    if mode not in (True, "full", "selective"):
+        raise ValueError(f"activation checkpointing mode must be full or selective, got {mode!r}")
+    extra = {}
+    if mode == "selective":
+        extra = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _selective_policy())}
+        if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters:
+            # what SAC keeps goes through saved_tensors_hooks like any saved tensor (offloading
+            # hooks and the memory benchmark see it); torch's future default
+            extra["respect_saved_tensors_hooks"] = True
     count = 0
     for module in model.modules():
         if not isinstance(module, nn.ModuleList):
@@ -267,7 +301,7 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 
             def forward(*args, _inner=inner, _block=block, **kwargs):
                 if _block.training and torch.is_grad_enabled():
-                    return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                    return checkpoint(_inner, *args, use_reentrant=False, **extra, **kwargs)
                 return _inner(*args, **kwargs)
 
             block.forward = forward
@@ -366,7 +400,7 @@ def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_settings: DeepSpee
     _hooks_see_dataclasses()
     world = dist.get_world_size()
     if ds_settings.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, ds_settings.activation_checkpointing)
     groups = param_groups if param_groups is not None else weight_decay_groups(model, optim_cfg.weight_decay)
     groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
     groups = [g for g in groups if g["params"]]

@@ -1,6 +1,7 @@
 """The benchmark suite runs in its reduced form (``--small``) on a CPU: the training-step
-benchmark over every config (the -tiny twins, through the real Trainer and loader) and the
-sampling benchmark (KV cache against the uncached reference, a batch sweep, the tokenize job).
+benchmark over every config (the -tiny twins, through the real Trainer and loader, with selective
+activation checkpointing), the sampling benchmark (KV cache against the uncached reference, a
+batch sweep, the tokenize job) and the activation-memory count of each checkpointing mode.
 What is checked is what must hold whatever the machine's speed, never a timing: every figure is
 there and finite, the cached and uncached samples are identical, the FLOPs come from the meta
 count, MFU against the matmul ceiling lies in (0, 1.5)."""
@@ -28,11 +29,12 @@ def test_training_step_benchmark_runs_every_config(tmp_path):
     from pretrain.flops import step_flops_per_sample
     from pretrain.recipes import get_recipe
 
-    r = _bench("bench_train.py", str(tmp_path / "train.json"), "--steps", "3", "--warmup", "1", "--workers", "1")
+    r = _bench("bench_train.py", str(tmp_path / "train.json"), "--steps", "3", "--warmup", "1", "--workers", "1",
+               "--act-ckpt", "selective")
     assert r["device_type"] == "cpu" and r["matmul"]["flops"] > 0 and r["peak_flops"] is None
     assert [row["config"] for row in r["rows"]] == ["vim-base", "vim-large", "t2i-prior-1b", "vit-vqgan-bb"]
     for row in r["rows"]:
-        assert row["recipe"].endswith("-tiny") and row["micro_batch"] == 4
+        assert row["recipe"].endswith("-tiny") and row["micro_batch"] == 4 and row["act_ckpt"] == "selective"
         for k in ("step_time_s", "images_per_s", "achieved_tflops", "peak_memory_gb"):
             assert math.isfinite(row[k]) and row[k] > 0, (row["config"], k)
         assert 0 <= row["data_wait_fraction"] < 1 and 0 < row["mfu_vs_matmul"] < 1.5
@@ -52,3 +54,15 @@ def test_sampling_benchmark_cache_sweep_and_tokenize_job(tmp_path):
     assert r["cache"]["tokens_per_s"] > 0 and r["no_cache"]["tokens_per_s"] > 0
     assert [b["batch"] for b in r["batches"]] == [1, 4] and all(b["images_per_s"] > 0 for b in r["batches"])
     assert r["tokenize"]["images"] == 64 and r["tokenize"]["images_per_s"] > 0
+
+
+def test_memory_benchmark_orders_the_checkpointing_modes(tmp_path):
+    r = _bench("bench_memory.py", str(tmp_path / "memory.json"))
+    by = {(row["config"], row["mode"]): row for row in r["rows"]}
+    for name in ("vim-base", "vim-large", "t2i-prior-1b", "vit-vqgan-bb"):
+        none, full, sel = (by[name, m] for m in ("none", "full", "selective"))
+        assert none["blocks_wrapped"] == 0 and full["blocks_wrapped"] == sel["blocks_wrapped"] > 0
+        # full keeps only block inputs; selective keeps matmul/attention outputs; none keeps all
+        assert full["saved_bytes"] < sel["saved_bytes"] < none["saved_bytes"], name
+        # selective recomputes no matmul; full recomputes each block's forward once more
+        assert sel["flops"] == none["flops"] and 1.1 < full["flops"] / none["flops"] < 1.4, name

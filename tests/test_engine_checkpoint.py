@@ -153,7 +153,7 @@ def _phase_train(run: str, out: str) -> None:
         ck.FAULT_POINT = None
     rec["latest_after_crash"] = ck.latest_step_url(run)
     rec["folders_after_crash"] = ck.list_steps(run)
-    # activation checkpointing under ZeRO-3 changes nothing but memory (vim-small-tiny)
+    # activation checkpointing (full and selective) under ZeRO-3 changes nothing but memory (vim-small-tiny)
     rec["activation_checkpointing"] = _activation_checkpointing_check()
     torch.save(rec, os.path.join(out, f"train_rank{env.rank}.pt"))
 
@@ -164,7 +164,7 @@ def _activation_checkpointing_check() -> dict:
     import torch.distributed as dist
 
     res = {}
-    for ac in (False, True):
+    for ac in (False, True, "selective"):
         torch.manual_seed(0)
         model = create_model("vim-small-tiny")
         eng = pe.build_engine(model, pe.OptimConfig(lr=1e-3), pe.DeepSpeedSettings(
@@ -350,9 +350,10 @@ def test_zero2_zero3_save_resume_shrink_crash_stop(tmp_path):
     rng = torch.load(os.path.join(step3, "rng", "rank1.pt"), weights_only=True)      # plain tensors only
     assert set(rng) == {"python", "numpy", "torch", "cuda"}
     ac = t0["activation_checkpointing"]
-    assert ac[True]["wrapped"] == 2 and ac[False]["wrapped"] == 0
-    assert ac[True]["losses"] == ac[False]["losses"]
-    _assert_equal_dicts(ac[True]["weights"], ac[False]["weights"], "activation checkpointing")
+    assert ac[True]["wrapped"] == ac["selective"]["wrapped"] == 2 and ac[False]["wrapped"] == 0
+    for mode in (True, "selective"):
+        assert ac[mode]["losses"] == ac[False]["losses"], mode
+        _assert_equal_dicts(ac[mode]["weights"], ac[False]["weights"], f"activation checkpointing {mode}")
 
     # -- job 2: a fresh 2-process job resumes from `latest` (step 3): bit-identical continuation
     log_path = os.path.join(out, "resume.log")       # a file, not a pipe nobody reads while we wait
