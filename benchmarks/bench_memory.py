@@ -23,10 +23,8 @@ The tokenizer's figures cover the tokenizer alone, not its losses. Prints a tabl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -34,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.report import write_json  # noqa: E402
 from pretrain.config import apply_overrides  # noqa: E402
 from pretrain.engine import apply_activation_checkpointing  # noqa: E402
 from pretrain.recipes import get_recipe  # noqa: E402
@@ -101,13 +100,7 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['config']:<14} {r['mode']:<10} {r['blocks_wrapped']:>6} {r['saved_bytes'] / 2**30:>10.2f} "
               f"{r['saved_ratio']:>7.2f} {r['flops'] / 1e12:>9.2f} {r['flops_ratio']:>7.2f}")
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, "small": args.small,
-              "micro_batch": args.micro_batch, "rows": rows, "command": " ".join(sys.argv)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
-    return result
+    return write_json(args.out, {"small": args.small, "micro_batch": args.micro_batch, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ tiny tokenizer: the reduced form CI runs.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -37,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import model_zoo.vim  # noqa: E402,F401  (registers the vim presets)
+from benchmarks.report import write_json  # noqa: E402
 from model_zoo.registry import create_model  # noqa: E402
 from model_zoo.sampling import SamplingConfig, sample_seeds  # noqa: E402
 
@@ -157,23 +157,18 @@ def main(argv=None) -> None:
         print(f"\ntokenize job, {tok['preset']} at {tok['resolution']} px: {tok['images_per_s']:.1f} images/s "
               f"({tok['images']} images)")
 
-    result = {
+    write_json(args.out, {
         "preset": args.preset, "depth": tcfg.depth, "width": tcfg.width, "heads": tcfg.heads,
         "mlp_dim": tcfg.mlp_dim, "codebook_size": model.codebook_size, "params": params,
         "tokens": model.num_tokens, "batch": args.batch, "guidance_scale": args.cfg,
         "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "cache": {"seconds": t_cache, "tokens_per_s": n / t_cache, "repeats": args.repeats},
         "no_cache": {"seconds": t_full, "tokens_per_s": n / t_full},
         "speedup": ratio, "identical_samples": same, "target_speedup": 10.0, "meets_target": ratio >= 10.0,
         "batches": batches, "tokenize": tok, "small": args.small,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    })
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ update, as in ``Trainer.fit``, without logging and checkpoints.
 from __future__ import annotations
 
 import argparse
-import json
+import gc
 import os
 import platform
 import resource
@@ -43,6 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.bench_loader import build_dataset  # noqa: E402
+from benchmarks.report import write_json  # noqa: E402
 from data_pipeline.codes import CodeShardWriter, write_code_manifest  # noqa: E402
 from pretrain.config import apply_overrides  # noqa: E402
 from pretrain.flops import matmul_peak, peak_flops, step_flops_per_sample  # noqa: E402
@@ -144,9 +145,6 @@ def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, 
            "peak_memory_gb": (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20),
            "memory_kind": "cuda max allocated" if device.type == "cuda" else "host max RSS (whole process)"}
-    del trainer, batches
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -191,6 +189,9 @@ def main(argv=None) -> dict:
         for name in names:
             print(f"[bench_train] {name} ...", flush=True)
             rows.append(_run_config(name, args, work, device, matmul, peak))
+            gc.collect()                 # the config's engines go before the next one is built
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -205,14 +206,9 @@ def main(argv=None) -> dict:
             _fmt(r["tokens_per_s"], ".0f"), _fmt(r["flops_per_sample"]["total"] / 1e9, ".1f"),
             _fmt(r["achieved_tflops"], ".3f"), _fmt(r["mfu_vs_peak"], ".1%"), _fmt(r["mfu_vs_matmul"], ".1%"),
             _fmt(r["peak_memory_gb"], ".1f"), _fmt(r["data_wait_fraction"], ".1%"))))
-    result = {"device": dev_name, "device_type": device.type, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "torch": torch.__version__, "small": args.small, "steps": args.steps, "warmup": args.warmup,
-              "matmul": matmul, "peak_flops": peak, "rows": rows, "command": " ".join(sys.argv)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
-    return result
+    return write_json(args.out, {"device": dev_name, "device_type": device.type, "small": args.small,
+                                 "steps": args.steps, "warmup": args.warmup, "matmul": matmul, "peak_flops": peak,
+                                 "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,23 @@
+"""What every benchmark script writes: its result as JSON, with when, where and how it ran."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+
+def write_json(path: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Add the date, torch version, host and command line to ``result``; write it to ``path``."""
+    import torch
+
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+              "host": platform.node(), "cpu_count": os.cpu_count(), "command": " ".join(sys.argv), **result}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return result
