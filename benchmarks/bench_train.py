@@ -61,10 +61,11 @@ CONFIGS = {
 }
 
 
-def write_codes(root: str, n: int, grid: tuple[int, int], codebook: int, classes: int, seed: int = 0) -> str:
-    """Random code shards with labels and captions (what a tokenize job writes)."""
+def write_codes(root: str, n: int, grid: tuple[int, int], codebook: int, classes: int, per: int,
+                seed: int = 0) -> str:
+    """Random code shards of ``per`` samples with labels and captions (what a tokenize job writes)."""
     rng = np.random.default_rng(seed)
-    entries, per = [], 256
+    entries = []
     for s in range(0, n, per):
         w = CodeShardWriter(root, f"codes-{s // per:06d}.tar", codebook_size=codebook, grid_size=grid)
         for i in range(s, min(n, s + per)):
@@ -91,11 +92,12 @@ def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, 
     cfg, model = _meta_shape(recipe, extra)
     total = (args.warmup + args.steps) * micro + micro * 8          # the loader never runs dry
     data = os.path.join(work, name + "-data")
+    per = max(1, total // max(4, 2 * args.workers))          # enough shards for every loader worker
     if cfg.stage == "prior":
         write_codes(data, total, tuple(model.grid_size), int(model.codebook_size),
-                    int(getattr(model, "num_classes", 0) or 1000))
+                    int(getattr(model, "num_classes", 0) or 1000), per)
     else:
-        build_dataset(data, total, per_shard=128)
+        build_dataset(data, total, per_shard=per)
     sets = extra + [
         f"run_dir={os.path.join(work, name + '-run')}", f"data.url={data}", f"steps={args.warmup + args.steps}",
         f"global_batch_size={micro}", f"micro_batch_size={micro}", f"data.num_workers={args.workers}",
