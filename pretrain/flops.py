@@ -128,8 +128,10 @@ def step_flops_per_sample(cfg, derived: dict[str, Any] | None = None) -> dict[st
 def _prior_step(model: nn.Module) -> None:
     codes = torch.zeros(1, model.num_tokens, dtype=torch.long, device="meta")
     cond = model.null_condition(1)
-    positions = None
-    if getattr(model, "needs_positions", False) or type(model).__name__ == "Stackformer":
+    from model_zoo.stackformer import Stackformer
+
+    positions = None        # only Stackformer models kept positions (MQ-VAE tokens)
+    if isinstance(model, Stackformer):
         positions = torch.zeros(1, model.num_tokens, dtype=torch.long, device="meta")
     logits = model(codes, cond, positions)
     logits = logits[0] if isinstance(logits, tuple) else logits
