@@ -4,11 +4,12 @@
     python benchmarks/bench_train.py --small               # CPU: the -tiny twins (what CI runs)
         [--configs vim-base,vim-large,t2i-prior-1b,vit-vqgan-bb] [--steps 20] [--warmup 5]
         [--micro-batch N] [--peak-tflops 989] [--compile] [--act-ckpt none|full|selective]
-        [--workers 4] [--out FILE]
+        [--workers 4] [--set data.channels_last=false ...] [--out FILE]
 
 Each config is the project's recipe (VIM-Base and VIM-Large at 32x32 = 1,024 tokens, the 1B
 text-conditional prior, ViT-VQGAN-Base at 256 px with its perceptual and adversarial losses and the
-StyleGAN2 discriminator on) trained by the real ``Trainer``: DeepSpeed engine, objective, EMA and
+StyleGAN2 discriminator on from the first step; ``vqgan-f16``, taming's convolutional VQGAN
+with PatchGAN, on request) trained by the real ``Trainer``: DeepSpeed engine, objective, EMA and
 the streaming loader over synthetic shards written first (random codes with captions; JPEG photo
 crops from the packages' sample images). LPIPS, the text encoder and the tokenizer weights are
 random: the FLOPs are the same.
@@ -58,7 +59,10 @@ CONFIGS = {
     "vim-large": ("vim-large", 2, []),
     "t2i-prior-1b": ("t2i-prior-1b", 8, ['model_args.text_encoder_overrides={"pretrained": false}']),
     "vit-vqgan-bb": ("vit-vqgan-bb", 8, ["tokenizer_loss.perceptual_pretrained=false"]),
+    # taming's convolutional VQGAN with PatchGAN: where the conv layout (data.channels_last) tells
+    "vqgan-f16": ("vqgan-f16", 8, ["tokenizer_loss.perceptual_pretrained=false"]),
 }
+DEFAULT_CONFIGS = ("vim-base", "vim-large", "t2i-prior-1b", "vit-vqgan-bb")
 
 
 def write_codes(root: str, n: int, grid: tuple[int, int], codebook: int, classes: int, per: int,
@@ -105,8 +109,9 @@ def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, 
         f"compile={str(args.compile).lower()}",
         f"deepspeed.activation_checkpointing={'false' if args.act_ckpt == 'none' else args.act_ckpt}"]
     if cfg.stage == "tokenizer":
-        sets.append(f"data.resolution={model.image_size}")
-    cfg = apply_overrides(cfg, sets)
+        # all losses on from the first step (taming's recipes start the GAN term at step 250,001)
+        sets += [f"data.resolution={model.image_size}", "discriminator.start_step=0"]
+    cfg = apply_overrides(cfg, sets + list(args.set))
     from pretrain.trainer import Trainer
 
     trainer = Trainer(cfg, progress=False)
@@ -128,11 +133,12 @@ def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, 
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    wait, samples, tokens = 0.0, 0, 0
+    wait, samples, tokens, disc_steps = 0.0, 0, 0, 0
     t0 = time.perf_counter()
     for _ in range(args.steps):
         info = step()
         wait, samples, tokens = wait + info["wait"], samples + info["samples"], tokens + info["tokens"]
+        disc_steps += bool(info.get("disc_ran"))
     sync()
     wall = time.perf_counter() - t0
     flops = step_flops_per_sample(cfg, trainer.derived)
@@ -140,6 +146,7 @@ def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, 
     row = {"config": name, "recipe": recipe, "stage": cfg.stage, "micro_batch": micro,
            "parameters": int(sum(p.numel() for p in model.parameters())),
            "bf16": bool(trainer.engine.bfloat16_enabled()), "compile": args.compile, "act_ckpt": args.act_ckpt,
+           "overrides": list(args.set), "discriminator_steps": disc_steps, "channels_last": bool(cfg.data.channels_last),
            "step_time_s": wall / args.steps, "images_per_s": samples / wall,
            "tokens_per_s": tokens / wall if tokens else None, "data_wait_fraction": wait / wall,
            "flops_per_sample": flops, "achieved_tflops": achieved / 1e12,
@@ -157,7 +164,8 @@ def _fmt(v, spec: str) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help="comma-separated, of: " + ", ".join(CONFIGS) + " (default: all but vqgan-f16)")
     p.add_argument("--small", action="store_true", help="the -tiny twins at micro batch 4 (CPU, CI)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -168,6 +176,9 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (DeepSpeed engine.compile)")
     p.add_argument("--act-ckpt", default="none", choices=["none", "full", "selective"],
                    help="activation checkpointing of the blocks (benchmarks/bench_memory.py: what each saves)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run-config override for every config, as `vqscale train --set` takes it "
+                        "(e.g. data.channels_last=false)")
     p.add_argument("--work", default="", help="folder for the synthetic data and runs (default: a temp folder)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_train.json"))
     args = p.parse_args(argv)

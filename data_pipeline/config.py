@@ -46,6 +46,9 @@ class DataConfig:
     interleave: int = 4                # shards read at once per worker
     prefetch_factor: int = 2
     pin_memory: bool = True            # used only when CUDA is available
+    # Batches reach the model NHWC in memory (channels_last), the layout cuDNN's and oneDNN's conv
+    # kernels run fastest; convolutions then keep it. False hands the model NCHW-contiguous images.
+    channels_last: bool = True
     retries: int = 4                   # per read, with exponential backoff
     retry_backoff: float = 0.5         # seconds before the first retry
     s3_endpoint_url: str = ""          # overrides AWS_ENDPOINT_URL when set

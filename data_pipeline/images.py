@@ -8,7 +8,10 @@ resolution and a square is cropped, at random or in the centre.
 Workers emit ``uint8`` batches ``[B,3,H,W]`` stored channels-last (a quarter of the bytes of
 float through the worker pipes);
 :func:`to_model_range` turns them into the float ``[-1, 1]`` images of DESIGN.md in the main
-process, on the GPU when one is given.
+process, on the GPU when one is given, and keeps them channels-last (``data.channels_last``): a
+convolution given an NHWC input computes in NHWC and returns NHWC, so the conv parts (CNN
+VQGAN, the discriminators, LPIPS' VGG) run channels-last without converting their weights, which
+DeepSpeed's flat parameter buffers would undo anyway.
 """
 
 from __future__ import annotations
@@ -198,24 +201,27 @@ def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def to_model_range(batch: dict[str, Any], device: torch.device | str | None = None,
-                   dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """uint8 ``[B,3,H,W]`` -> float in ``[-1, 1]`` (on ``device``, copied without blocking)."""
+                   dtype: torch.dtype = torch.float32, channels_last: bool = True) -> dict[str, Any]:
+    """uint8 ``[B,3,H,W]`` -> float in ``[-1, 1]`` (on ``device``, copied without blocking),
+    channels-last in memory, or NCHW-contiguous with ``channels_last=False``."""
     img = batch["image"]
     if device is not None:
         img = img.to(device, non_blocking=True)
         batch["label"] = batch["label"].to(device, non_blocking=True)
-    batch["image"] = img.to(dtype).div_(127.5).sub_(1.0)
+    # The workers' batches are already NHWC in memory, so this is a copy only for other callers.
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    batch["image"] = img.to(dtype, memory_format=fmt).div_(127.5).sub_(1.0)
     return batch
 
 
 class ToModelRange:
     """Picklable postprocess for :class:`~data_pipeline.stream.StreamingLoader`."""
 
-    def __init__(self, device=None, dtype=torch.float32):
-        self.device, self.dtype = device, dtype
+    def __init__(self, device=None, dtype=torch.float32, channels_last: bool = True):
+        self.device, self.dtype, self.channels_last = device, dtype, channels_last
 
     def __call__(self, batch):
-        return to_model_range(batch, self.device, self.dtype)
+        return to_model_range(batch, self.device, self.dtype, self.channels_last)
 
 
 def image_loader(cfg: DataConfig, batch_size: int, seed: int = 0, rank: int | None = None,
@@ -250,4 +256,4 @@ def image_loader(cfg: DataConfig, batch_size: int, seed: int = 0, rank: int | No
     return StreamingLoader(spec, rank=rank, world_size=world_size,
                            num_workers=cfg.num_workers if num_workers is None else num_workers,
                            pin_memory=cfg.pin_memory, prefetch_factor=cfg.prefetch_factor,
-                           postprocess=ToModelRange(device) if to_float else None)
+                           postprocess=ToModelRange(device, channels_last=cfg.channels_last) if to_float else None)

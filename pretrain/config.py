@@ -26,8 +26,13 @@ def _is_dataclass_type(tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
+    origin = get_origin(tp)
+    if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):      # "int | None", not "Union" (what __name__ says)
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

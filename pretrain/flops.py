@@ -14,7 +14,9 @@ model's work, not the hardware's (Chowdhery et al., "PaLM", 2022, appendix B).
   and backward; a tokenizer's forward and backward with its perceptual term (LPIPS' VGG forward
   and its backward to the image) and its adversarial term (the discriminator on the fakes with
   the backward to them), plus the discriminator's own step (reals and fakes, forward and
-  backward). StyleGAN2's lazy R1 (every 16th step) and the EMA update are left out.
+  backward). The adversarial parts are their own entries, because they run only from
+  ``discriminator.start_step`` on (:func:`flops_at_step`). StyleGAN2's lazy R1 (every 16th step)
+  and the EMA update are left out.
 - :func:`matmul_peak` measures the best rate of large square matmuls on a device. An MFU against
   it says how close a step comes to what this device does at best. The datasheet peak (989 TFLOP/s
   for an H100 SXM in dense bf16) is the other denominator; it comes from :data:`PEAK_FLOPS` or
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 __all__ = ["PEAK_FLOPS", "peak_flops", "transformer_flops_per_token", "count_flops", "step_flops_per_sample",
-           "matmul_peak", "matmul_params"]
+           "flops_at_step", "matmul_peak", "matmul_params"]
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), matched by substring of
 # torch.cuda.get_device_name().
@@ -105,24 +107,36 @@ def step_flops_per_sample(cfg, derived: dict[str, Any] | None = None) -> dict[st
             disc = _meta_model(cfg.discriminator.model, dict(cfg.discriminator.model_args))
         out: dict[str, torch.Tensor] = {}
 
-        def generator_step() -> None:
+        def generator_step(with_disc: bool) -> None:
             recon = model(x).recon
             loss = recon.float().abs().mean()
             if lpips is not None:
                 loss = loss + lpips(recon, x).mean()
-            if disc is not None:
+            if with_disc:
                 loss = loss + disc(recon).mean()
             loss.backward()
             out["recon"] = recon.detach()
 
-        parts["generator"] = count_flops(generator_step)
+        parts["generator"] = count_flops(lambda: generator_step(False))
         if disc is not None:
+            # The GAN term and the discriminator's step run only from discriminator.start_step on:
+            # they are separate parts, left out of the steps before it (:func:`flops_at_step`).
+            parts["adversarial"] = count_flops(lambda: generator_step(True)) - parts["generator"]
+
             def disc_step() -> None:
                 (disc(x).mean() + disc(out["recon"]).mean()).backward()
 
             parts["discriminator"] = count_flops(disc_step)
     parts["total"] = float(sum(parts.values()))
     return parts
+
+
+def flops_at_step(parts: dict[str, float], cfg, step: int) -> float:
+    """Training FLOPs per sample of step ``step``: :func:`step_flops_per_sample`'s total, less the
+    adversarial parts before ``discriminator.start_step`` (taming's recipes start them late)."""
+    if step >= cfg.discriminator.start_step:
+        return parts["total"]
+    return parts["total"] - parts.get("adversarial", 0.0) - parts.get("discriminator", 0.0)
 
 
 def _prior_step(model: nn.Module) -> None:

@@ -59,7 +59,7 @@ from . import checkpoint as ckpt
 from .config import to_dict, write_resolved
 from .distributed import init_distributed, process_stop_flag, setup_rank_logging
 from .engine import EMA, build_engine, gradient_accumulation_steps
-from .flops import peak_flops, step_flops_per_sample
+from .flops import flops_at_step, peak_flops, step_flops_per_sample
 from .metrics import MetricLogger, update_status
 from .objectives import COLLAPSE_METRIC, CaptionTokenizer, build_objective
 from .recipes import RunConfig
@@ -130,6 +130,11 @@ def _no_rng():
     """Run something without touching the training RNG (CPU and CUDA)."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     return torch.random.fork_rng(devices=devices)
+
+
+def _new_window() -> dict[str, float]:
+    """What the log interval accumulates: data wait, samples, tokens, steps, model FLOPs."""
+    return {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "tokens": 0, "steps": 0, "flops": 0.0}
 
 
 def _mean_over_ranks(values: dict[str, torch.Tensor | float], device) -> dict[str, float]:
@@ -459,7 +464,7 @@ class Trainer:
             peak_flops(self.device, cfg.log.peak_tflops or None)
         flops = None
         state, last_metrics = "finished", {}
-        window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "tokens": 0, "steps": 0}
+        window = _new_window()
         prof = None
         batches = self._batches()
         try:
@@ -501,14 +506,16 @@ class Trainer:
                 self.samples_seen += info["samples"] * self.world
                 window["tokens"] += info["tokens"]
                 window["steps"] += 1
-                if peak is not None and flops is None:
-                    flops = self._measure_flops()
+                if peak is not None:
+                    if flops is None:
+                        flops = step_flops_per_sample(self.cfg, self.derived)
+                    window["flops"] += flops_at_step(flops, cfg, self.step - 1) * info["samples"]
                 if self.step % cfg.log.every == 0 or self.step == cfg.steps or self.step == 1:
                     last_metrics = self._log(metrics, window, flops, peak)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}",
                                         skipped=self.counters["skipped_steps"])
-                    window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "tokens": 0, "steps": 0}
+                    window = _new_window()
                 if bar is not None:
                     bar.update(1)
                 if self.val_loader is not None and cfg.validation.every > 0 and self.step % cfg.validation.every == 0:
@@ -559,7 +566,7 @@ class Trainer:
                            skipped_steps=self.counters["skipped_steps"], resumed_from=resumed,
                            metrics=last_metrics, wall_s=time.time() - t_start)
 
-    def _log(self, metrics: dict[str, torch.Tensor], window: dict, flops: float | None,
+    def _log(self, metrics: dict[str, torch.Tensor], window: dict, flops: dict | None,
              peak: float | None) -> dict[str, float]:
         self._settle_counters()
         out = _mean_over_ranks(metrics, self.reduce_device)
@@ -582,7 +589,7 @@ class Trainer:
         # (the loader's samples_seen is the global count at its last load plus this rank's since)
         out["samples_seen"] = float(self.samples_seen)
         if flops is not None and peak is not None:
-            out["mfu"] = flops * window["samples"] / dt / peak
+            out["mfu"] = window["flops"] / dt / peak
         out.update(self._memory())
         if out.get(COLLAPSE_METRIC, 0.0) > 0 and self.step - self._collapse_warned >= 10 * self.cfg.log.every:
             self._collapse_warned = self.step
@@ -593,10 +600,6 @@ class Trainer:
             log.info("step %d: loss %.4f, %.1f img/s, data wait %.0f%%", self.step, out.get("loss", math.nan),
                      out["images_per_s"], 100 * out["data_wait_fraction"])
         return out
-
-    def _measure_flops(self) -> float:
-        """Training FLOPs per sample of one step, counted once from the shapes (pretrain/flops.py)."""
-        return step_flops_per_sample(self.cfg, self.derived)["total"]
 
     def _start_profiler(self):
         from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler

@@ -44,6 +44,7 @@ def test_training_step_benchmark_runs_every_config(tmp_path):
         if cfg.stage == "tokenizer":
             cfg = apply_overrides(cfg, ["tokenizer_loss.perceptual_pretrained=false"])
             assert row["flops_per_sample"]["discriminator"] > 0
+            assert row["discriminator_steps"] == 3        # the counted GAN FLOPs were spent
         if cfg.stage == "prior" and row["recipe"].startswith("vim"):
             assert row["flops_per_sample"]["total"] == step_flops_per_sample(cfg)["total"]
 

@@ -66,6 +66,19 @@ def test_bad_overrides_are_one_line_errors(override, message):
     assert message in text and "\n" not in text
 
 
+@pytest.mark.parametrize("override,message", [
+    ("deepspeed.activation_checkpointing=partial",
+     "config key 'deepspeed.activation_checkpointing' expects bool | 'full' | 'selective', got 'partial'"),
+    ("tokenizer_loss.logit_laplace_eps=x", "config key 'tokenizer_loss.logit_laplace_eps' expects float | None"),
+])
+def test_a_bad_union_value_names_the_types_it_takes(override, message):
+    from pretrain.recipes import get_recipe
+
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(get_recipe("vit-vqgan-bb-tiny"), [override])
+    assert message in str(info.value)
+
+
 def test_round_trip_is_strict(tmp_path):
     cfg = apply_overrides(Outer(), ["weights.kl=0.1", "optim.betas=0.5,0.6"])
     d = json.loads(json.dumps(to_dict(cfg)))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pretrain.config import apply_overrides
-from pretrain.flops import (count_flops, matmul_params, matmul_peak, peak_flops, step_flops_per_sample,
-                            transformer_flops_per_token)
+from pretrain.flops import (count_flops, flops_at_step, matmul_params, matmul_peak, peak_flops,
+                            step_flops_per_sample, transformer_flops_per_token)
 from pretrain.recipes import get_recipe, list_recipes
 
 
@@ -51,6 +51,13 @@ def test_every_recipe_counts_on_the_meta_device(name):
     assert parts["total"] > 1e11 and parts["total"] == sum(v for k, v in parts.items() if k != "total")
     if cfg.stage == "tokenizer":
         assert parts["discriminator"] > 0 and parts["generator"] > parts["discriminator"] / 10
+        # the GAN term on the fakes: the discriminator's forward and the backward through it to the
+        # image, less than the discriminator's own step over reals and fakes
+        assert 0 < parts["adversarial"] < parts["discriminator"]
+        start = cfg.discriminator.start_step
+        assert flops_at_step(parts, cfg, start) == parts["total"]
+        if start > 0:
+            assert flops_at_step(parts, cfg, start - 1) == parts["generator"]
         # the losses are counted too: more than the tokenizer's own forward and backward
         no_losses = apply_overrides(cfg, ["tokenizer_loss.perceptual=0", "tokenizer_loss.contrastive=0",
                                           "tokenizer_loss.adversarial=0"])

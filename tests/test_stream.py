@@ -437,3 +437,34 @@ def test_other_layout_after_exact_resumes_is_exact_as_a_set(wide):
         rest += _batches(lo)
     epoch0 = [k for b in got[0] + got2[0] + rest for e, k in zip(b["epoch"], b["key"]) if e == 0]
     assert len(epoch0) == len(set(epoch0)) == 44
+
+
+def test_batches_reach_the_model_channels_last_and_convolutions_keep_it(uneven):
+    """``data.channels_last`` (the default): the float batch is NHWC in memory, with the same values
+    as the NCHW-contiguous batch of ``channels_last=False``, and a convolutional tokenizer given it
+    computes channels-last through its conv and norm layers (its weights stay NCHW, as DeepSpeed's
+    flat buffers leave them)."""
+    from model_zoo.registry import create_model
+
+    root, _ = uneven
+    nhwc = next(iter(image_loader(cfg(root), 4, num_workers=1, max_epochs=1)))["image"]
+    nchw = next(iter(image_loader(cfg(root, channels_last=False), 4, num_workers=1, max_epochs=1)))["image"]
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
+    assert nchw.is_contiguous() and torch.equal(nhwc, nchw)
+    torch.manual_seed(0)
+    model = create_model("vqgan-f8-tiny")
+    x = torch.nn.functional.interpolate(nhwc, size=model.image_size)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    layouts = collections.Counter()
+
+    def record(mod, _inp, out):
+        if out.shape[-2:] != (1, 1) and out.shape[1] > 1:      # both layouts at once: not telling
+            layouts[type(mod).__name__, out.is_contiguous(memory_format=torch.channels_last)] += 1
+
+    for mod in model.modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.GroupNorm)):
+            mod.register_forward_hook(record)
+    model(x)
+    # (an NCHW input leaves the encoder's 39 conv and norm outputs NCHW; the decoder's input comes
+    # from the quantizer's NHWC codes, so it runs channels-last either way)
+    assert layouts and all(cl for (_, cl) in layouts), layouts
