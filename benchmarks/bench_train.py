@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --small               # CPU: the -tiny twins (what CI runs)
         [--configs vim-base,vim-large,t2i-prior-1b,vit-vqgan-bb] [--steps 20] [--warmup 5]
         [--micro-batch N] [--peak-tflops 989] [--compile] [--act-ckpt none|full|selective]
-        [--workers 4] [--set data.channels_last=false ...] [--out FILE]
+        [--workers 4] [--set data.channels_last=false ...] [--ab KEY=VALUE --rounds 3] [--out FILE]
 
 Each config is the project's recipe (VIM-Base and VIM-Large at 32x32 = 1,024 tokens, the 1B
 text-conditional prior, ViT-VQGAN-Base at 256 px with its perceptual and adversarial losses and the
@@ -88,7 +88,8 @@ def _meta_shape(recipe: str, overrides: list[str]):
         return cfg, model_from_config(cfg)
 
 
-def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, peak: float | None) -> dict:
+def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, peak: float | None,
+                variant: list[str], tag: str) -> dict:
     recipe, micro, extra = CONFIGS[name]
     if args.small:
         recipe, micro = recipe + "-tiny", 4
@@ -97,13 +98,15 @@ def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, 
     total = (args.warmup + args.steps) * micro + micro * 8          # the loader never runs dry
     data = os.path.join(work, name + "-data")
     per = max(1, total // max(4, 2 * args.workers))          # enough shards for every loader worker
-    if cfg.stage == "prior":
+    if os.path.isdir(data):
+        pass                                                   # an A/B round: the same data again
+    elif cfg.stage == "prior":
         write_codes(data, total, tuple(model.grid_size), int(model.codebook_size),
                     int(getattr(model, "num_classes", 0) or 1000), per)
     else:
         build_dataset(data, total, per_shard=per)
     sets = extra + [
-        f"run_dir={os.path.join(work, name + '-run')}", f"data.url={data}", f"steps={args.warmup + args.steps}",
+        f"run_dir={os.path.join(work, name + '-run-' + tag)}", f"data.url={data}", f"steps={args.warmup + args.steps}",
         f"global_batch_size={micro}", f"micro_batch_size={micro}", f"data.num_workers={args.workers}",
         "validation.every=0", "validation.visuals_every=0", "log.progress=false",
         f"compile={str(args.compile).lower()}",
@@ -111,7 +114,7 @@ def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, 
     if cfg.stage == "tokenizer":
         # all losses on from the first step (taming's recipes start the GAN term at step 250,001)
         sets += [f"data.resolution={model.image_size}", "discriminator.start_step=0"]
-    cfg = apply_overrides(cfg, sets + list(args.set))
+    cfg = apply_overrides(cfg, sets + list(args.set) + variant)
     from pretrain.trainer import Trainer
 
     trainer = Trainer(cfg, progress=False)
@@ -146,7 +149,8 @@ def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, 
     row = {"config": name, "recipe": recipe, "stage": cfg.stage, "micro_batch": micro,
            "parameters": int(sum(p.numel() for p in model.parameters())),
            "bf16": bool(trainer.engine.bfloat16_enabled()), "compile": args.compile, "act_ckpt": args.act_ckpt,
-           "overrides": list(args.set), "discriminator_steps": disc_steps, "channels_last": bool(cfg.data.channels_last),
+           "overrides": list(args.set) + variant, "variant": " ".join(variant) or "base",
+           "discriminator_steps": disc_steps, "channels_last": bool(cfg.data.channels_last),
            "step_time_s": wall / args.steps, "images_per_s": samples / wall,
            "tokens_per_s": tokens / wall if tokens else None, "data_wait_fraction": wait / wall,
            "flops_per_sample": flops, "achieved_tflops": achieved / 1e12,
@@ -179,6 +183,10 @@ def main(argv=None) -> dict:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a run-config override for every config, as `vqscale train --set` takes it "
                         "(e.g. data.channels_last=false)")
+    p.add_argument("--ab", action="append", default=[], metavar="KEY=VALUE",
+                   help="A/B: run every config also with this override (repeat for several in one variant), "
+                        "alternating with the base run --rounds times, and print the speed ratio")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of each config (best kept)")
     p.add_argument("--work", default="", help="folder for the synthetic data and runs (default: a temp folder)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_train.json"))
     args = p.parse_args(argv)
@@ -198,29 +206,45 @@ def main(argv=None) -> dict:
     peak = peak_flops(device, args.peak_tflops or None)
     work = args.work or tempfile.mkdtemp(prefix="vqs-bench-train-")
     rows = []
+    variants = [[]] + ([list(args.ab)] if args.ab else [])
     try:
         for name in names:
-            print(f"[bench_train] {name} ...", flush=True)
-            rows.append(_run_config(name, args, work, device, matmul, peak))
-            gc.collect()                 # the config's engines go before the next one is built
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            for rnd in range(args.rounds):
+                # base and variant alternate, so drifts of a shared machine hit both alike
+                for v, variant in enumerate(variants):
+                    print(f"[bench_train] {name} {' '.join(variant) or 'base'} (round {rnd + 1}) ...", flush=True)
+                    rows.append(_run_config(name, args, work, device, matmul, peak, variant, f"{rnd}-{v}"))
+                    gc.collect()                 # the config's engines go before the next one is built
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"\ndevice {dev_name}; best {matmul['dtype']} matmul {matmul['flops'] / 1e12:.2f} TFLOP/s "
           f"(n={matmul['n']}); datasheet peak {_fmt(peak and peak / 1e12, '.0f')} TFLOP/s")
-    head = ("config", "step s", "img/s", "tok/s", "GFLOP/img", "TFLOP/s", "MFU peak", "MFU matmul", "mem GB", "wait")
+    head = ("config", "variant", "step s", "img/s", "tok/s", "GFLOP/img", "TFLOP/s", "MFU peak", "MFU matmul", "mem GB", "wait")
     print("  ".join(f"{h:>10}" for h in head))
     for r in rows:
         print("  ".join(f"{c:>10}" for c in (
-            r["config"][:10], _fmt(r["step_time_s"], ".3f"), _fmt(r["images_per_s"], ".1f"),
+            r["config"][:10], r["variant"][:10], _fmt(r["step_time_s"], ".3f"), _fmt(r["images_per_s"], ".1f"),
             _fmt(r["tokens_per_s"], ".0f"), _fmt(r["flops_per_sample"]["total"] / 1e9, ".1f"),
             _fmt(r["achieved_tflops"], ".3f"), _fmt(r["mfu_vs_peak"], ".1%"), _fmt(r["mfu_vs_matmul"], ".1%"),
             _fmt(r["peak_memory_gb"], ".1f"), _fmt(r["data_wait_fraction"], ".1%"))))
+    ab = {}
+    if args.ab:
+        best = {}
+        for r in rows:
+            key = (r["config"], r["variant"])
+            best[key] = max(best.get(key, 0.0), r["images_per_s"])
+        label = " ".join(args.ab)
+        ab = {name: best[name, label] / best[name, "base"] for name in names}
+        print(f"\nA/B, best of {args.rounds} round(s), images/s with {label} over without:")
+        for name, ratio in ab.items():
+            print(f"  {name:>14}  {ratio:.3f}x")
     return write_json(args.out, {"device": dev_name, "device_type": device.type, "small": args.small,
                                  "steps": args.steps, "warmup": args.warmup, "matmul": matmul, "peak_flops": peak,
+                                 "rounds": args.rounds, "ab": {"overrides": list(args.ab), "speedup": ab},
                                  "rows": rows})
 
 

@@ -49,6 +49,18 @@ def test_training_step_benchmark_runs_every_config(tmp_path):
             assert row["flops_per_sample"]["total"] == step_flops_per_sample(cfg)["total"]
 
 
+def test_training_step_benchmark_ab_compares_an_override(tmp_path):
+    """``--ab``: the conv VQGAN twin with and without channels-last batches, alternating."""
+    r = _bench("bench_train.py", str(tmp_path / "ab.json"), "--configs", "vqgan-f16", "--steps", "2", "--warmup", "1",
+               "--workers", "1", "--ab", "data.channels_last=false", "--rounds", "2")
+    assert [(row["variant"], row["channels_last"]) for row in r["rows"]] == [
+        ("base", True), ("data.channels_last=false", False)] * 2
+    assert all(row["discriminator_steps"] == 2 and row["flops_per_sample"]["discriminator"] > 0 for row in r["rows"])
+    best = {v: max(row["images_per_s"] for row in r["rows"] if row["variant"] == v) for v in
+            ("base", "data.channels_last=false")}
+    assert r["ab"]["speedup"]["vqgan-f16"] == best["data.channels_last=false"] / best["base"]
+
+
 def test_sampling_benchmark_cache_sweep_and_tokenize_job(tmp_path):
     r = _bench("bench_sampling.py", str(tmp_path / "sampling.json"), "--device", "cpu")
     assert r["identical_samples"] and r["tokens"] == 256 and r["depth"] == 1
