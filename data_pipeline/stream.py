@@ -488,6 +488,48 @@ def _shield_worker_from_job_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: signal.alarm(WORKER_TERM_GRACE_S))
 
 
+# Small tensors leave a worker by value, inside the pickle. A tensor's default way out (its storage
+# moved to shared memory, its file descriptor fetched by the main process over a socket from the
+# worker's resource-sharer thread, which must win the worker's GIL) cost ~0.5 ms per tensor: 3 per
+# code batch made 1.7 ms of every next(). By value: vim-large's wait at an H100 step fell from
+# 3.3% to 1.7% of the step (benchmarks/bench_data_wait.py). Large tensors (images, written
+# straight into shared memory by their collate) still travel by descriptor.
+BY_VALUE_MAX_BYTES = 256 * 1024
+
+
+class _ByValue:
+    """A small tensor's bytes, dtype and shape; ``DataLoader``'s pin-memory thread pins it through
+    :meth:`pin_memory`, and :func:`_unwrap` rebuilds it where nothing pinned it."""
+
+    __slots__ = ("data", "dtype", "shape")
+
+    def __init__(self, t: torch.Tensor):
+        self.data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        self.dtype, self.shape = t.dtype, tuple(t.shape)
+
+    def tensor(self) -> torch.Tensor:
+        if not self.data:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return torch.frombuffer(bytearray(self.data), dtype=torch.uint8).view(self.dtype).reshape(self.shape)
+
+    def pin_memory(self, *_args) -> torch.Tensor:
+        return self.tensor().pin_memory()
+
+
+def _by_value(batch: dict[str, Any]) -> dict[str, Any]:
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.is_contiguous() and v.nbytes <= BY_VALUE_MAX_BYTES:
+            batch[k] = _ByValue(v)
+    return batch
+
+
+def _unwrap(batch: dict[str, Any]) -> dict[str, Any]:
+    for k, v in batch.items():
+        if isinstance(v, _ByValue):
+            batch[k] = v.tensor()
+    return batch
+
+
 class ShardStream(IterableDataset):
     """Yields collated batches, each with its worker's progress under ``"__state__"``.
 
@@ -558,7 +600,7 @@ class ShardStream(IterableDataset):
                     "samples": len(samples), "defects": defects.take_delta(),
                     "exact": self._exact(rng, readers, False)}
             batch["__state__"] = pickle.dumps(snap, protocol=pickle.HIGHEST_PROTOCOL)
-            yield batch
+            yield _by_value(batch) if get_worker_info() is not None else batch
 
     @staticmethod
     def _exact(rng: np.random.Generator, readers: list[_SourceReader], finished: bool) -> dict[str, Any]:
@@ -732,4 +774,5 @@ class StreamingLoader:
             self._progress.update(pickle.loads(batch.pop("__state__")))
             if not batch:
                 continue  # a worker's closing message: progress only
+            batch = _unwrap(batch)
             yield self.postprocess(batch) if self.postprocess else batch

@@ -1,7 +1,8 @@
 """The benchmark suite runs in its reduced form (``--small``) on a CPU: the training-step
 benchmark over every config (the -tiny twins, through the real Trainer and loader, with selective
 activation checkpointing), the sampling benchmark (KV cache against the uncached reference, a
-batch sweep, the tokenize job) and the activation-memory count of each checkpointing mode.
+batch sweep, the tokenize job), the loaders paced at an H100's step time (data wait) and the
+activation-memory count of each checkpointing mode.
 What is checked is what must hold whatever the machine's speed, never a timing: every figure is
 there and finite, the cached and uncached samples are identical, the FLOPs come from the meta
 count, MFU against the matmul ceiling lies in (0, 1.5)."""
@@ -59,6 +60,22 @@ def test_training_step_benchmark_ab_compares_an_override(tmp_path):
     best = {v: max(row["images_per_s"] for row in r["rows"] if row["variant"] == v) for v in
             ("base", "data.channels_last=false")}
     assert r["ab"]["speedup"]["vqgan-f16"] == best["data.channels_last=false"] / best["base"]
+
+
+def test_data_wait_benchmark_paces_each_loader_at_its_h100_step(tmp_path):
+    from pretrain.config import apply_overrides
+    from pretrain.flops import step_flops_per_sample
+    from pretrain.recipes import get_recipe
+
+    r = _bench("bench_data_wait.py", str(tmp_path / "wait.json"), "--configs", "vim-large,vit-vqgan-bb")
+    assert r["steps"] == 20 and r["peak_tflops"] == 989
+    for row, mfu in zip(r["rows"], (0.50, 0.35)):
+        cfg = apply_overrides(get_recipe(row["recipe"]), ["tokenizer_loss.perceptual_pretrained=false"]
+                              if row["stage"] == "tokenizer" else [])
+        step = step_flops_per_sample(cfg)["total"] * row["micro_batch"] / (mfu * 989e12)
+        assert math.isclose(row["step_time_s"], step, rel_tol=1e-9), row["config"]
+        assert 0 <= row["data_wait_fraction"] < 1 and row["delivered_samples_per_s"] > 0
+        assert 0 < row["median_next_ms"] <= row["p90_next_ms"]
 
 
 def test_sampling_benchmark_cache_sweep_and_tokenize_job(tmp_path):

@@ -468,3 +468,35 @@ def test_batches_reach_the_model_channels_last_and_convolutions_keep_it(uneven):
     # (an NCHW input leaves the encoder's 39 conv and norm outputs NCHW; the decoder's input comes
     # from the quantizer's NHWC codes, so it runs channels-last either way)
     assert layouts and all(cl for (_, cl) in layouts), layouts
+
+
+def test_small_tensors_leave_workers_by_value_and_come_back_equal():
+    """Workers send small contiguous tensors inside the pickle (no shared-memory descriptor to
+    fetch per tensor); the main process rebuilds them bit for bit, any dtype and shape. Images
+    (NHWC-strided) and large tensors keep the shared-memory path."""
+    import pickle
+
+    from data_pipeline.stream import BY_VALUE_MAX_BYTES, _by_value, _unwrap
+
+    small = {"codes": torch.randint(0, 1 << 40, (8, 1024)), "label": torch.tensor([3, -1]),
+             "flags": torch.tensor([True, False]), "emb": torch.randn(2, 3).bfloat16(), "scalar": torch.tensor(2.5),
+             "empty": torch.zeros(0, 4)}
+    big = {"image": torch.zeros(2, 64, 64, 3, dtype=torch.uint8).permute(0, 3, 1, 2),
+           "text_embedding": torch.zeros(BY_VALUE_MAX_BYTES // 4 + 1)}
+    sent = _by_value({**small, **big, "key": ["a", "b"]})
+    assert all(sent[k] is v for k, v in big.items()) and sent["key"] == ["a", "b"]
+    got = _unwrap(pickle.loads(pickle.dumps(sent)))
+    for k, v in small.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+    got["codes"][0, 0] = 7                                   # a writable tensor of its own
+
+
+def test_two_workers_deliver_the_same_batches_as_none(uneven):
+    root, _ = uneven
+    ref = list(image_loader(cfg(root), 5, num_workers=0, max_epochs=1))
+    got = list(image_loader(cfg(root), 5, num_workers=1, max_epochs=1))
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        assert a["key"] == b["key"]
+        for k in ("image", "label", "epoch"):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
