@@ -123,7 +123,7 @@ def class_labels(condition, batch_size: int, high: int, device: torch.device, me
     broadcast to the batch), on ``device``, checked to lie in ``[-1, high]``.
 
     The range check runs where the labels are: on the host before they are copied (free), and
-    on an accelerator as an asynchronous device assert. An eager ``bool(...)`` there would make
+    on an accelerator (and inside a compiled graph) as an asynchronous device assert. An eager ``bool(...)`` there would make
     every training step wait for the device (a host sync) just to read one flag."""
     y = torch.as_tensor(-1 if condition is None else condition, dtype=torch.long).reshape(-1)
     if y.numel() == 1 and batch_size != 1:
@@ -131,7 +131,8 @@ def class_labels(condition, batch_size: int, high: int, device: torch.device, me
     if y.shape[0] != batch_size:
         raise ValueError(f"{y.shape[0]} labels for a batch of {batch_size}")
     ok = ((y >= -1) & (y <= high)).all()
-    if y.device.type == "cpu":
+    # (under torch.compile a bool() would break the graph: the traceable assert there)
+    if y.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok):
             raise ValueError(message)
     else:

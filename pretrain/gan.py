@@ -87,6 +87,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import types
 from typing import Any
 
 import torch
@@ -259,6 +260,11 @@ class GANTokenizerObjective(TokenizerObjective):
         if owner is None:
             return
         capture = self._capture
+        # Under torch.compile (compile=true) the layer would run inside the compiled graph, whose
+        # intermediate outputs autograd cannot differentiate through to: run it eagerly (one graph
+        # break at the model's end) so that ``h`` lies on recon's autograd path.
+        # (bound with MethodType, so a deepcopy of the model, e.g. an EMA, rebinds it to the copy)
+        owner.forward = types.MethodType(torch.compiler.disable(type(owner).forward, recursive=False), owner)
 
         def hook(module, args, output):
             if torch.is_grad_enabled() and isinstance(output, Tensor) and args:

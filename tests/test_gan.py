@@ -394,8 +394,11 @@ def test_unsupported_combinations_are_refused_at_start():
         check_supported(2, d, PatchGANDiscriminator(PatchGANConfig(ndf=8, n_layers=2, norm="act")))
 
 
-@pytest.mark.parametrize("name", ["vqgan-f8-tiny", "vit-vqgan-ss-tiny"])
-def test_adaptive_weight_is_tamings_and_gradients_stay_apart(name):
+@pytest.mark.parametrize("name,compiled", [("vqgan-f8-tiny", False), ("vit-vqgan-ss-tiny", False),
+                                           ("vit-vqgan-ss-tiny", True)])
+def test_adaptive_weight_is_tamings_and_gradients_stay_apart(name, compiled):
+    """Also under ``compile=true`` (the module compiled in place, as DeepSpeed's engine.compile
+    does), where a last layer inside the compiled graph made the weight silently fall back to 1."""
     from model_zoo import losses as L
     from model_zoo.registry import create_model
     from pretrain.gan import GANTokenizerObjective, build_discriminator
@@ -406,6 +409,8 @@ def test_adaptive_weight_is_tamings_and_gradients_stay_apart(name):
     lcfg = dataclasses.replace(cfg.tokenizer_loss, perceptual=0.0)
     torch.manual_seed(0)
     gen, disc = create_model(cfg.model), build_discriminator(dcfg)
+    if compiled:
+        gen.compile()
     x = torch.rand(4, 3, gen.image_size, gen.image_size) * 2 - 1
     obj = GANTokenizerObjective(lcfg, dcfg)
     models = {"generator": gen, "discriminator": disc}
