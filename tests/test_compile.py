@@ -1,8 +1,8 @@
 """``compile=true`` compiles each model whole: every tiny tokenizer and image prior traces its
 training forward with torchdynamo without a graph break (a break splits the compiled graph and,
-where it comes from reading a value, is also a host sync). The text-conditional prior is left out:
-it tokenizes captions on the host inside its forward (``model_zoo/t2i_prior.py``), which no
-compiler can trace."""
+where it comes from reading a value, is also a host sync). The text-conditional prior is left out: its
+shapes depend on the data (the text cut to the batch's longest caption, caption dropout drawn on
+the host; ``model_zoo/t2i_prior.py``), which breaks the graph where those values are read."""
 
 from __future__ import annotations
 
