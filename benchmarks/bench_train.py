@@ -98,13 +98,12 @@ def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, 
     total = (args.warmup + args.steps) * micro + micro * 8          # the loader never runs dry
     data = os.path.join(work, name + "-data")
     per = max(1, total // max(4, 2 * args.workers))          # enough shards for every loader worker
-    if os.path.isdir(data):
-        pass                                                   # an A/B round: the same data again
-    elif cfg.stage == "prior":
-        write_codes(data, total, tuple(model.grid_size), int(model.codebook_size),
-                    int(getattr(model, "num_classes", 0) or 1000), per)
-    else:
-        build_dataset(data, total, per_shard=per)
+    if not os.path.isdir(data):                                # A/B rounds reuse the data
+        if cfg.stage == "prior":
+            write_codes(data, total, tuple(model.grid_size), int(model.codebook_size),
+                        int(getattr(model, "num_classes", 0) or 1000), per)
+        else:
+            build_dataset(data, total, per_shard=per)
     sets = extra + [
         f"run_dir={os.path.join(work, name + '-run-' + tag)}", f"data.url={data}", f"steps={args.warmup + args.steps}",
         f"global_batch_size={micro}", f"micro_batch_size={micro}", f"data.num_workers={args.workers}",

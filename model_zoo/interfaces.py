@@ -122,16 +122,16 @@ def class_labels(condition, batch_size: int, high: int, device: torch.device, me
     """Class ids ``[B]`` from ``condition`` (None, an int, a sequence or a tensor; one label is
     broadcast to the batch), on ``device``, checked to lie in ``[-1, high]``.
 
-    The range check runs where the labels are: on the host before they are copied (free), and
-    on an accelerator (and inside a compiled graph) as an asynchronous device assert. An eager ``bool(...)`` there would make
-    every training step wait for the device (a host sync) just to read one flag."""
+    The range check runs where the labels are: on the host before they are copied (free), and on
+    an accelerator (or inside a compiled graph) as an asynchronous device assert. An eager
+    ``bool(...)`` there would make every training step wait for the device (a host sync) just to
+    read one flag (and would break a compiled graph)."""
     y = torch.as_tensor(-1 if condition is None else condition, dtype=torch.long).reshape(-1)
     if y.numel() == 1 and batch_size != 1:
         y = y.expand(batch_size)
     if y.shape[0] != batch_size:
         raise ValueError(f"{y.shape[0]} labels for a batch of {batch_size}")
     ok = ((y >= -1) & (y <= high)).all()
-    # (under torch.compile a bool() would break the graph: the traceable assert there)
     if y.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok):
             raise ValueError(message)

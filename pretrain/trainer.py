@@ -69,7 +69,7 @@ log = logging.getLogger("vqscale.trainer")
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "model_from_config"]
 
-# Dense bf16 peak FLOP/s per GPU, for model FLOPs utilization (unknown devices report no MFU).
+
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; a checkpoint of the last good weights was written."""
 
@@ -223,7 +223,7 @@ class Trainer:
             self.val_state = self.val_loader.state_dict()
         self._collapse_warned = -10**9
         self.counters = {"skipped_steps": 0, "consecutive_skips": 0, "nonfinite_losses": 0}
-        self._pending: list[tuple[str, torch.Tensor | None]] = []    # device flags not yet counted
+        self._pending: dict[str, torch.Tensor] = {}     # counter -> device count not yet added
         if self.gan:
             self.counters.update({"disc_skipped_steps": 0, "disc_consecutive_skips": 0, "disc_nonfinite_losses": 0})
 
@@ -402,11 +402,15 @@ class Trainer:
 
                 save_grid(images, storage.join(self.run_dir, "samples", f"{name}_{ckpt.step_name(self.step)}.png"))
 
+    def _count_on_device(self, name: str, flag: torch.Tensor | None) -> None:
+        """Add a step's non-finite flag (a device tensor) to counter ``name`` without reading it."""
+        if flag is not None:
+            self._pending[name] = flag.int() + self._pending[name] if name in self._pending else flag.int()
+
     def _settle_counters(self) -> None:
-        """Add the steps' non-finite flags (device tensors) to the counters: one host sync."""
-        for name, flag in self._pending:
-            if flag is not None:
-                self.counters[name] += int(flag)
+        """Add the device counts to the counters: one read per counter."""
+        for name, count in self._pending.items():
+            self.counters[name] += int(count)
         self._pending.clear()
 
     def _save(self, metrics: dict[str, float]) -> str:
@@ -462,7 +466,7 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.name}", unit="step", dynamic_ncols=True)
         peak = None if os.environ.get("DS_ACCELERATOR") == "cpu" and not cfg.log.peak_tflops else \
             peak_flops(self.device, cfg.log.peak_tflops or None)
-        flops = None
+        flops = step_flops_per_sample(cfg, self.derived) if peak is not None else None
         state, last_metrics = "finished", {}
         window = _new_window()
         prof = None
@@ -478,7 +482,7 @@ class Trainer:
                     if self.step >= cfg.log.profile_start + cfg.log.profile_steps:
                         prof.stop()
                         prof = None
-                self._pending.append(("nonfinite_losses", info["nonfinite"]))
+                self._count_on_device("nonfinite_losses", info["nonfinite"])
                 if info["skipped"]:
                     self.counters["skipped_steps"] += 1
                     self.counters["consecutive_skips"] += 1
@@ -489,7 +493,7 @@ class Trainer:
                     for ema in self.emas.values():
                         ema.update()
                 if self.gan and info["disc_ran"]:
-                    self._pending.append(("disc_nonfinite_losses", info["disc_nonfinite"]))
+                    self._count_on_device("disc_nonfinite_losses", info["disc_nonfinite"])
                     if info["disc_skipped"]:
                         self.counters["disc_skipped_steps"] += 1
                         self.counters["disc_consecutive_skips"] += 1
@@ -506,12 +510,10 @@ class Trainer:
                 self.samples_seen += info["samples"] * self.world
                 window["tokens"] += info["tokens"]
                 window["steps"] += 1
-                if peak is not None:
-                    if flops is None:
-                        flops = step_flops_per_sample(self.cfg, self.derived)
+                if flops is not None:
                     window["flops"] += flops_at_step(flops, cfg, self.step - 1) * info["samples"]
                 if self.step % cfg.log.every == 0 or self.step == cfg.steps or self.step == 1:
-                    last_metrics = self._log(metrics, window, flops, peak)
+                    last_metrics = self._log(metrics, window, peak)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}",
                                         skipped=self.counters["skipped_steps"])
@@ -566,8 +568,7 @@ class Trainer:
                            skipped_steps=self.counters["skipped_steps"], resumed_from=resumed,
                            metrics=last_metrics, wall_s=time.time() - t_start)
 
-    def _log(self, metrics: dict[str, torch.Tensor], window: dict, flops: dict | None,
-             peak: float | None) -> dict[str, float]:
+    def _log(self, metrics: dict[str, torch.Tensor], window: dict, peak: float | None) -> dict[str, float]:
         self._settle_counters()
         out = _mean_over_ranks(metrics, self.reduce_device)
         dt = max(1e-9, time.perf_counter() - window["t"])
@@ -588,7 +589,7 @@ class Trainer:
                 out[f"guard/{counter}{c}"] = float(self.counters[f"{counter}{c}"])
         # (the loader's samples_seen is the global count at its last load plus this rank's since)
         out["samples_seen"] = float(self.samples_seen)
-        if flops is not None and peak is not None:
+        if peak is not None:
             out["mfu"] = window["flops"] / dt / peak
         out.update(self._memory())
         if out.get(COLLAPSE_METRIC, 0.0) > 0 and self.step - self._collapse_warned >= 10 * self.cfg.log.every:
