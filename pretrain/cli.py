@@ -343,5 +343,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(args.verb)
 
 
+def entry() -> None:
+    """The ``vqscale`` command: :func:`main`, then an exit that a rank's teardown cannot turn
+    into a failure (see :func:`pretrain.distributed.exit_process`)."""
+    code = main()
+    from .distributed import exit_process
+
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -484,6 +484,38 @@ def test_stop_flag_single_process():
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def test_exit_process_after_a_process_group(tmp_path):
+    """How a rank leaves (`vqscale` and the phases above): the group is destroyed while the
+    interpreter is whole, non-daemon threads finish, atexit handlers run and buffered output is
+    written, the exit status is kept; only the interpreter's finalization is skipped."""
+    done = tmp_path / "thread_done"
+    code = (
+        "import atexit, sys, threading, time, torch, torch.distributed as dist\n"
+        # registered first, so it runs last (atexit is LIFO)
+        "atexit.register(lambda: print('initialized at exit:', dist.is_initialized(), flush=True))\n"
+        "from pretrain import distributed as pd\n"
+        "pd.init_distributed(backend='gloo', timeout_s=30)\n"
+        "pd.destroy_distributed()\n"
+        "pd.init_distributed(backend='gloo', timeout_s=30)\n"
+        "t = torch.ones(2); dist.all_reduce(t)\n"
+        f"threading.Thread(target=lambda: (time.sleep(0.5), open({str(done)!r}, 'w').write('x'))).start()\n"
+        "print('initialized:', dist.is_initialized())\n"     # no flush: exit_process must write it
+        "sys.stderr.write('unflushed')\n"
+        "pd.exit_process(3)\n"
+        "print('not reached')\n")
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID", "SLURM_PROCID")
+    env = {k: v for k, v in _env().items() if k not in launcher}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=_ROOT)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["initialized: True", "initialized at exit: False"], proc.stdout
+    assert proc.stderr.endswith("unflushed") and done.read_text() == "x"
+    # without a process group it is a plain sys.exit
+    plain = subprocess.run([sys.executable, "-c", "from pretrain import distributed as pd; pd.exit_process(4)"],
+                           env=env, capture_output=True, text=True, timeout=120, cwd=_ROOT)
+    assert plain.returncode == 4, plain.stderr
+
+
 def test_rank_logging(tmp_path):
     root = logging.getLogger()
     before = list(root.handlers), root.level
@@ -617,3 +649,4 @@ def test_checkpoint_names_and_resolution(tmp_path):
 
 if __name__ == "__main__":
     PHASES[sys.argv[1]](*sys.argv[2:])
+    pd.exit_process(0)          # the exit `vqscale` takes (an abort in finalization failed this test)
