@@ -245,13 +245,14 @@ def exit_process(code: int) -> NoReturn:
     "terminate called without an active exception" (SIGABRT) while CPython finalizes: the
     C++ objects of c10d/gloo are then torn down with no Python frame left, even when the
     group was destroyed in an atexit handler (pytorch#190489 has the same message). torchrun
-    reports such a rank as failed and Slurm marks a finished job FAILED. Seen here in 4 of
+    reports such a rank as failed, and srun a finished step FAILED. Seen here in 4 of
     ~35 two-rank resume runs during one busy half hour, never in ~100 runs at other times,
     which is why this does not wait for a fix upstream. Everything a normal exit does that
     can lose data still runs first: non-daemon threads are joined, the atexit handlers run
     (logging's flush, this module's group teardown, TensorBoard writers), stdio is flushed;
     only the finalization itself is skipped. A process that never started a group exits
-    normally.
+    normally. Tasks of ``vqscale submit`` do not come here: submitit writes their result after
+    :class:`cluster.job.VerbJob` returns, so they still end through finalization.
     """
     if _STARTED is None:
         sys.exit(code)
