@@ -8,6 +8,13 @@ attributes ``codebook_size``, ``grid_size`` (h, w) and ``num_tokens`` (N), and f
 
 Quantizer: ``forward(z) -> QuantizerOutput`` over features in the last dimension (``[..., C]``),
 ``lookup(codes) -> z_q`` (the inverse used by ``decode``).
+
+Row writes: a module that sets rows of one of its *parameters* outside the optimizer (a dead-code
+restart) also queues them as :class:`RowWrite` and hands them out from ``pop_row_writes()``. A
+plain optimizer would keep an in-place write, but a sharded one (ZeRO's fp32 master copy and its
+Adam moments) overwrites it at the next step, so whoever owns the optimizer collects them with
+:func:`pop_row_writes` after each optimizer step and writes them where that optimizer keeps its
+state (pretrain/engine.py). Models stay plain torch: they only say what they wrote.
 """
 
 from __future__ import annotations
@@ -16,6 +23,25 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+
+@dataclass
+class RowWrite:
+    """``param[mask] = values[mask]`` along the first dimension, decided identically on every rank;
+    the optimizer state of those rows (Adam moments) is to be reset as for a fresh parameter."""
+
+    param: nn.Parameter
+    mask: torch.Tensor                        # bool [rows]
+    values: torch.Tensor                      # [rows, ...] (only the rows under ``mask`` are read)
+
+
+def pop_row_writes(module: nn.Module) -> list[RowWrite]:
+    """The row writes queued by ``module`` and its submodules since the last call (emptied)."""
+    out: list[RowWrite] = []
+    for m in module.modules():
+        if callable(getattr(type(m), "pop_row_writes", None)):
+            out.extend(m.pop_row_writes())
+    return out
 
 
 @dataclass

@@ -23,7 +23,11 @@ One module, ``VectorQuantizer``, implements the quantizers of the papers vqscale
 
 Dead codes (low EMA usage) are restarted from current encoder outputs. Under torch.distributed
 every codebook statistic is all-reduced, and restarts are decided on rank 0 from all-gathered
-candidates and broadcast, so every rank keeps a bit-identical codebook. Collectives run only in
+candidates and broadcast, so every rank keeps a bit-identical codebook. A parameter codebook's
+restarted rows are also queued (``pop_row_writes``, model_zoo.interfaces.RowWrite): a sharded
+optimizer keeps its own fp32 copy and would undo the in-place write at its next step, so the
+runtime that owns the optimizer writes them there too and resets their Adam moments
+(pretrain/engine.py). Collectives run only in
 training mode (where all ranks step in lockstep); eval forwards are local, so a single rank can
 encode or decode on its own. Everything also runs without a process group.
 
@@ -43,7 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .interfaces import QuantizerOutput
+from .interfaces import QuantizerOutput, RowWrite
 
 __all__ = ["QuantizerConfig", "VectorQuantizer", "prior_kl"]
 
@@ -157,6 +161,7 @@ class VectorQuantizer(nn.Module):
         # embed * count so embed_avg / cluster_size is the code itself and unused codes do not drift.
         self._init_count = max(2.0 * cfg.dead_threshold, 1.0)
         self._step = 0          # set_step(): the trainer's global step, for the temperature schedule
+        self._row_write: RowWrite | None = None   # restarts of a parameter codebook, for the optimizer's owner
         self.reset_parameters()
 
     @torch.no_grad()
@@ -308,6 +313,11 @@ class VectorQuantizer(nn.Module):
             _histogram(codes, k))
         return zq, codes, loss, distances, losses, stats
 
+    def pop_row_writes(self) -> list[RowWrite]:
+        """Restarted rows of a parameter codebook since the last call (see model_zoo.interfaces)."""
+        w, self._row_write = self._row_write, None
+        return [w] if w is not None else []
+
     # ---- statistics, EMA, restarts ------------------------------------------------------------
     def _stats(self, counts: Tensor) -> dict[str, Tensor]:
         p = counts / counts.sum().clamp_min(1.0)
@@ -367,6 +377,16 @@ class VectorQuantizer(nn.Module):
         # Revived codes get the fresh-code usage count (grace period) and, with EMA, a consistent
         # embed_avg so the next EMA step keeps them where they were put.
         self.embed.copy_(torch.where(mask[:, None], new.to(self.embed.dtype), self.embed))
+        if isinstance(self.embed, nn.Parameter):
+            # A sharded optimizer (ZeRO's fp32 master copy) would undo the in-place write at its next
+            # step: queue it for the optimizer's owner too (no host sync: the mask stays a tensor,
+            # possibly all False). Restarts of several micro-batches before one step merge.
+            values = new.to(self.embed.dtype)
+            if self._row_write is not None:
+                old = self._row_write
+                values = torch.where(mask[:, None], values, old.values)
+                mask = mask | old.mask
+            self._row_write = RowWrite(self.embed, mask, values)
         self.cluster_size.masked_fill_(mask, self._init_count)
         if cfg.ema:
             self.embed_avg.copy_(torch.where(mask[:, None], new * self._init_count, self.embed_avg))

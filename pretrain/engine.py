@@ -422,7 +422,96 @@ def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_settings: DeepSpee
     engine.vqscale_name = name
     engine.vqscale_ds_config = cfg
     _skip_nonfinite_steps(engine)
+    _row_writes_after_step(engine)
     return engine
+
+
+# ---- rows written outside the optimizer (dead-code restarts) ---------------------------------------
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _row_writes_after_step(engine) -> None:
+    """Wrap ``engine.step``: after each optimizer step (an accumulation boundary) the row writes
+    the model queued since the last one (:func:`model_zoo.interfaces.pop_row_writes`) are applied
+    by :func:`apply_row_writes`, so a dead-code restart survives ZeRO's master copy. Models without
+    row writes cost one walk over their modules per step."""
+    from model_zoo.interfaces import pop_row_writes
+
+    inner = engine.step
+    engine.row_writes_applied = {}              # parameter name -> rows written since the EMA's update
+
+    def step(*args, **kwargs):
+        boundary = engine.is_gradient_accumulation_boundary()
+        out = inner(*args, **kwargs)
+        if boundary:
+            writes = pop_row_writes(engine.module)
+            if writes:
+                apply_row_writes(engine, writes)
+        return out
+
+    engine.step = step
+
+
+def _full_optimizer_state(engine, p, key: str, getter):
+    """``safe_get_full_optimizer_state(p, key)``, or None before the optimizer has any state.
+
+    DeepSpeed 0.19.8's ZeRO-1/2 and bf16 optimizers link a parameter to its optimizer state once,
+    right after the first group's first step (``_lazy_init_hp_params_optimizer_state``), when the
+    torch optimizer has no state yet for the other parameter groups: parameters outside group 0
+    (the codebook is in the no-weight-decay group) stay linked to nothing and the getter raises
+    ``ValueError: exp_avg not found``. Linking again once state exists fixes that for good."""
+    try:
+        return getter(p, key)
+    except ValueError:
+        opt = engine.optimizer
+        if not hasattr(opt, "_hp_optimizer_states_linked") or not getattr(opt, "optimizer", None) or \
+                not opt.optimizer.state:
+            return None
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+        try:
+            return getter(p, key)
+        except ValueError:
+            return None                         # this optimizer keeps no such state (not Adam)
+
+
+@torch.no_grad()
+def apply_row_writes(engine, writes) -> None:
+    """Write ``param[mask] = values[mask]`` into every copy the optimizer keeps, and zero those
+    rows' Adam moments (a restarted code starts its optimizer state afresh).
+
+    A collective under ZeRO (every rank calls it with the same writes; restarts are decided on
+    rank 0 and broadcast). Through DeepSpeed's documented setters: ``safe_get/set_full_fp32_param``
+    and ``safe_get/set_full_optimizer_state`` for the fp32 master partitions (ZeRO-1/2/3 and the
+    bf16 optimizer); the working copy is the full parameter at ZeRO-1/2 (written in place) and a
+    partition at ZeRO-3 (written through ``GatheredParameters`` with a modifier rank). At stage 0
+    the parameter is the master copy and the torch optimizer's per-parameter state holds the
+    moments. No host synchronisation: a mask that is all False writes the old values back."""
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                                 safe_set_full_fp32_param, safe_set_full_optimizer_state)
+
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    for w in writes:
+        p = w.param
+        rows = w.mask.reshape(-1, *([1] * (w.values.dim() - 1)))
+        master = safe_get_full_fp32_param(p)
+        if master is not None:                  # ZeRO-1/2/3 or the bf16 optimizer
+            safe_set_full_fp32_param(p, torch.where(rows, w.values.to(master), master).to(master.dtype))
+            for key in _MOMENTS:
+                state = _full_optimizer_state(engine, p, key, safe_get_full_optimizer_state)
+                if state is not None:
+                    safe_set_full_optimizer_state(p, state.masked_fill(rows, 0.0), key)
+        else:                                   # stage 0: the parameter is what the optimizer steps
+            opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+            state = getattr(opt, "state", {}).get(p, {})
+            for key in _MOMENTS:
+                if isinstance(state.get(key), torch.Tensor):
+                    state[key].masked_fill_(rows.to(state[key].device), 0.0)
+        with _gathered(engine, [p], modifier_rank=0):
+            p.data.copy_(torch.where(rows, w.values.to(p.data), p.data))
+        applied, n = getattr(engine, "row_writes_applied", None), names.get(id(p))
+        if applied is not None:
+            applied[n] = w.mask.clone() if n not in applied else applied[n] | w.mask
 
 
 # ---- non-finite steps (see the module docstring) ---------------------------------------------------
@@ -578,10 +667,23 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        """Call after each optimizer step (``engine.is_gradient_accumulation_boundary()``)."""
+        """Call after each optimizer step (``engine.is_gradient_accumulation_boundary()``). Rows
+        written outside the optimizer since the last update (dead-code restarts, see
+        :func:`apply_row_writes`) restart in the average too: it takes their new value, rather than
+        a blend of a dead code and its replacement that matches neither."""
         d = self.current_decay()
         for n, p in self.params.items():
             self.shards[n].mul_(d).add_(self._local(p).float(), alpha=1.0 - d)
+        for n, mask in getattr(self.engine, "row_writes_applied", {}).items():
+            if n in self.shards:
+                p = self.params[n]
+                shape = list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)
+                per_row = int(torch.Size(shape[1:]).numel())
+                start, count = self._bounds(self._numel(p))
+                rows = mask.to(self.shards[n].device).repeat_interleave(per_row)[start:start + count]
+                self.shards[n].copy_(torch.where(rows, self._local(p).float(), self.shards[n]))
+        if hasattr(self.engine, "row_writes_applied"):
+            self.engine.row_writes_applied.clear()
         self.num_updates += 1
 
     # -- save / load (per rank, world-size independent) --
