@@ -1,6 +1,6 @@
 """Loader throughput against a bare PIL loop, and s3:// (local SeaweedFS) against a local folder.
 
-    python benchmarks/bench_loader.py [--images 3000] [--workers 2] [--resolution 256]
+    python benchmarks/bench_loader.py [--images 3000] [--workers 2] [--resolution 256] [--small]
 
 Builds a dataset of real JPEG photos (crops of the photos shipped with scikit-learn and
 scikit-image, 320-640 px, like LAION thumbnails), then measures on the same cores:
@@ -15,6 +15,8 @@ scikit-image, 320-640 px, like LAION thumbnails), then measures on the same core
 
 Rates are steady state: timing starts at the first batch (worker start-up is reported apart).
 Prints a table and the two ratios (targets: loader/bare >= 0.9, s3/local >= 0.9) and writes JSON.
+``--small`` (what CI runs, tests/test_benchmarks.py): 120 images at 64 px, one round of one pass
+with one worker, S3 included; it checks that every mode delivers every image, not a rate.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.report import write_json  # noqa: E402
 from data_pipeline import storage  # noqa: E402
 from data_pipeline.config import DataConfig  # noqa: E402
 from data_pipeline.demo import PHOTOS, load_photo  # noqa: E402
@@ -120,9 +123,14 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=2, help="loader passes over the data (default 2)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best of each mode is kept")
     ap.add_argument("--no-s3", action="store_true", help="skip the SeaweedFS measurement")
+    ap.add_argument("--small", action="store_true",
+                    help="CI form: 120 images at 64 px in shards of 30, 1 worker, 1 pass, 1 round")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                     "bench_loader.json"))
     args = ap.parse_args()
+    if args.small:
+        args.images, args.per_shard, args.workers, args.resolution = 120, 30, 1, 64
+        args.batch, args.epochs, args.repeats = 16, 1, 1
 
     tmp = tempfile.mkdtemp(prefix="vqscale-bench-")
     root = os.path.join(tmp, "data")
@@ -182,8 +190,7 @@ def main() -> int:
           f"this CPU, where a GPU run does it on the device)")
     if "s3_vs_local" in results:
         print(f"s3:// / local:      {results['s3_vs_local']:.3f}   (target >= 0.90)")
-    storage.write_json(args.out, results)
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
     return 0
 
 

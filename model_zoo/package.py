@@ -501,6 +501,16 @@ def read_config(url: str) -> dict[str, Any]:
     return checked_meta(storage.read_json(path), os.fspath(url))
 
 
+def package_sha256(url: str) -> str:
+    """A package's identity: the sha256 of its ``checksums.sha256`` (which lists the sha256 of every
+    other file, so any change to weights, config or card changes it). Code shards record it as
+    ``tokenizer.sha256``; a prior's checkpoints record their tokenizer's."""
+    path = storage.join(os.fspath(url), CHECKSUMS)
+    if not storage.exists(path):
+        raise PackageError(f"{url} is not a complete model-zoo package: no {CHECKSUMS}")
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
+
+
 def is_package(url: str) -> bool:
     try:
         read_config(url)
@@ -579,5 +589,5 @@ def load_prior_with_tokenizer(url: str, device: str | torch.device = "cpu",
 
 
 __all__ = ["SCHEMA_VERSION", "UPGRADES", "checked_meta", "result_scalars", "PackageError", "save_package", "load_package", "load_prior_with_tokenizer",
-           "read_config", "is_package", "build_model", "config_from_dict", "config_to_dict", "model_config",
+           "read_config", "is_package", "package_sha256", "build_model", "config_from_dict", "config_to_dict", "model_config",
            "model_card", "verify_folder"]

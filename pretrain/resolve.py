@@ -113,18 +113,61 @@ def _card(cfg, meta: dict, run_dir: str, which: str, num_tokens: int | None) -> 
     return {"step": step, "weights": which, "training": training, "metrics": metrics}
 
 
-def _run_relative(path: str, step_url: str) -> str:
-    """A prior's ``tokenizer`` setting as recorded: a relative local path was relative to where
-    the run was started, usually an ancestor of the run directory (the demo records
-    ``runs/demo/tokenizer``), so it is looked up from here first, then from those ancestors."""
-    if storage.is_remote(path) or os.path.isabs(path) or os.path.exists(path) or storage.is_remote(step_url):
-        return path
-    folder = os.path.abspath(storage.local_path(step_url))
+def tokenizer_identity(url: str) -> dict[str, str]:
+    """``{name, sha256, url}`` of a tokenizer package: what a prior's checkpoints record of the
+    tokenizer whose codes it models (``url`` absolute, so it does not depend on the directory the
+    run was started from)."""
+    from model_zoo.package import package_sha256, read_config
+
+    url = os.fspath(url)
+    where = url if storage.is_remote(url) else os.path.abspath(storage.local_path(url))
+    return {"name": read_config(url)["name"], "sha256": package_sha256(url), "url": where}
+
+
+def _tokenizer_candidates(path: str, step_url: str) -> list[str]:
+    """Where a prior's ``tokenizer`` setting may point: as given if absolute or remote; a relative
+    local path was relative to where the run was started, usually an ancestor of the run
+    directory (the demo records ``runs/demo/tokenizer``), so those ancestors come first, nearest
+    first, and the current directory last (it may hold another run of the same name)."""
+    if storage.is_remote(path) or os.path.isabs(path) or storage.is_remote(step_url):
+        return [path]
+    out, folder = [], os.path.abspath(storage.local_path(step_url))
     while os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)
-        if os.path.exists(os.path.join(folder, path)):
-            return os.path.join(folder, path)
-    return path
+        out.append(os.path.join(folder, path))
+    return out + [os.path.abspath(path)]
+
+
+def _prior_tokenizer(cfg, meta: dict, step_url: str) -> str:
+    """The package of the tokenizer a prior's checkpoint was trained with.
+
+    The checkpoint records its identity (``tokenizer_package``: sha256 and absolute URL, written by
+    the Trainer); the first candidate that holds a tokenizer with that sha256 is the one, and a
+    tokenizer with another identity is never taken silently (a relative setting resolved from the
+    wrong directory once decoded the prior's codes with another run's tokenizer). Checkpoints
+    written before the identity was recorded take the first candidate that exists."""
+    from model_zoo.package import package_sha256
+
+    recorded = meta.get("tokenizer_package") or {}
+    want = recorded.get("sha256")
+    candidates = ([recorded["url"]] if recorded.get("url") else []) + _tokenizer_candidates(cfg.tokenizer, step_url)
+    seen, other = set(), []
+    for c in candidates:
+        if c in seen or not storage.exists(c):
+            continue
+        seen.add(c)
+        try:
+            url = as_package(c, kind="tokenizer")
+        except ResolveError as e:
+            other.append(f"{c} ({e})")
+            continue
+        if want is None or package_sha256(url) == want:
+            return url
+        other.append(f"{c} (another tokenizer, sha256 {package_sha256(url)[:12]})")
+    what = f"the tokenizer {recorded.get('name')} with sha256 {want[:12]}" if want else "its tokenizer"
+    raise ResolveError(f"{step_url}: cannot find {what} (run setting tokenizer={cfg.tokenizer!r}); looked at "
+                       f"{'; '.join(other) or ', '.join(dict.fromkeys(candidates))}. Pass the tokenizer "
+                       f"explicitly (vqscale zoo export --tokenizer PATH)")
 
 
 def export_step(step_url: str, out: str, ema: bool | None = None, dtype: torch.dtype | None = None,
@@ -162,7 +205,8 @@ def export_step(step_url: str, out: str, ema: bool | None = None, dtype: torch.d
             if not cfg.tokenizer:
                 raise ResolveError(f"{step_url}: the prior's run names no tokenizer (a prior's package holds its "
                                    f"tokenizer); train with --set tokenizer=PATH, or save_package it by hand")
-            tokenizer = as_package(tokenizer_path or _run_relative(cfg.tokenizer, step_url), kind="tokenizer")
+            tokenizer = (as_package(tokenizer_path, kind="tokenizer") if tokenizer_path
+                         else _prior_tokenizer(cfg, meta, step_url))
         if dtype is not None:
             model = model.to(dtype)
         run_dir = storage.dirname(storage.dirname(step_url.rstrip("/")))

@@ -138,17 +138,14 @@ def resolve_tokenizer(path: str) -> tuple[str, dict[str, Any]]:
 
 def load_tokenizer(path: str, device: str) -> tuple[torch.nn.Module, dict[str, str]]:
     """``(model in eval mode, {name, sha256})``; the sha256 is that of ``checksums.sha256``."""
-    import hashlib
-
-    from model_zoo.package import CHECKSUMS, load_package
+    from model_zoo.package import load_package, package_sha256
 
     path, meta = resolve_tokenizer(path)
-    url = storage.join(path, CHECKSUMS)
-    before = storage.read_bytes(url)
+    before = package_sha256(path)
     model = load_package(path, device=device)   # verifies every file against those checksums
-    if storage.read_bytes(url) != before:       # re-published while we loaded: identity unknown
+    if package_sha256(path) != before:          # re-published while we loaded: identity unknown
         raise TokenizeError(f"--tokenizer {path} changed while it was being loaded; run again")
-    return model, {"name": meta["name"], "sha256": hashlib.sha256(before).hexdigest()}
+    return model, {"name": meta["name"], "sha256": before}
 
 
 @torch.no_grad()

@@ -181,6 +181,7 @@ class Trainer:
         self.loader, derived = self._make_loader(cfg.data.url, self.micro, cfg.seed, cfg.data.num_workers)
         self.derived = derived
         self.model = model_from_config(cfg, derived)
+        self.tokenizer_identity: dict[str, str] | None = None   # a prior's tokenizer: {name, sha256, url}
         self.tokenizer = self._visual_tokenizer()
         lcfg = cfg.tokenizer_loss if cfg.stage == "tokenizer" else cfg.prior_loss
         self.gan = self._wants_gan()
@@ -289,9 +290,13 @@ class Trainer:
             return None
         from model_zoo.package import load_package
 
-        from .resolve import as_package
+        from .resolve import as_package, tokenizer_identity
 
-        tok = load_package(as_package(self.cfg.tokenizer, kind="tokenizer"), device=self.device)
+        url = as_package(self.cfg.tokenizer, kind="tokenizer")
+        # Which tokenizer this prior models, by identity and by absolute location: the recorded
+        # setting may be a path relative to wherever the run was started (see resolve.export_step).
+        self.tokenizer_identity = tokenizer_identity(url)
+        tok = load_package(url, device=self.device)
         return tok.eval().requires_grad_(False)
 
     def _resume(self) -> int | None:
@@ -421,7 +426,8 @@ class Trainer:
                                    config=to_dict(self.cfg), metrics=metrics,
                                    keep_last=self.cfg.checkpoint.keep_last,
                                    extra_meta={"trainer": dict(self.counters),
-                                               "trainer_model_args": self.derived})
+                                               "trainer_model_args": self.derived,
+                                               "tokenizer_package": self.tokenizer_identity})
         self.last_checkpoint = url
         self.logger.flush()              # what a checkpoint covers is also in metrics.jsonl and tb/
         self._status("running")

@@ -352,6 +352,37 @@ PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINI
                                    f"after {timeout} s\n{job}\n{self.log_tails(20)}")
             time.sleep(0.2)
 
+    def job_processes(self, job_id: int | str) -> list[int]:
+        """Pids of this cluster's tasks of ``job_id`` (environment ``SLURM_JOB_ID`` and our
+        ``SLURM_CONF``): after a requeue, the old instance is gone when this is empty."""
+        want = [b"\0" + f"SLURM_JOB_ID={job_id}".encode() + b"\0",
+                b"\0" + f"SLURM_CONF={self.conf_path}".encode() + b"\0"]
+        found = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    environ = b"\0" + f.read() + b"\0"
+            except OSError:
+                continue
+            if all(w in environ for w in want):
+                found.append(int(d))
+        return found
+
+    def wait_gone(self, job_id: int | str, timeout: float = 120.0) -> None:
+        """Wait until no task of ``job_id`` runs (and Slurm no longer marks it COMPLETING)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            flags = self.run("scontrol", "show", "job", str(job_id), "-o", check=False).stdout
+            pids = self.job_processes(job_id)
+            if not pids and "COMPLETING" not in flags:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id}: tasks {pids} still there after {timeout} s\n{flags}\n"
+                                   f"{self.log_tails(20)}")
+            time.sleep(0.2)
+
     def release(self, job_id: int | str) -> None:
         """Start a requeued job now: Slurm otherwise holds it PENDING (BeginTime) for ~120 s."""
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)   # racing a state change is fine: callers retry

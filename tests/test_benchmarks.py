@@ -96,3 +96,16 @@ def test_memory_benchmark_orders_the_checkpointing_modes(tmp_path):
         assert full["saved_bytes"] < sel["saved_bytes"] < none["saved_bytes"], name
         # selective recomputes no matmul; full recomputes each block's forward once more
         assert sel["flops"] == none["flops"] and 1.1 < full["flops"] / none["flops"] < 1.4, name
+
+
+def test_loader_benchmark_small_form_delivers_every_image(tmp_path):
+    """``bench_loader.py --small``: the bare loop, the loader (uint8 and float) and the loader over a
+    real SeaweedFS S3 endpoint each deliver every image of the pass; no rate is checked."""
+    r = _bench("bench_loader.py", str(tmp_path / "loader.json"))
+    assert r["config"]["small"] and r["config"]["images"] == 120 and r["torch"] and r["command"]
+    for mode in ("bare", "local", "local_float_cpu", "s3"):
+        row = r[mode]
+        assert row["images_per_s"] > 0 and math.isfinite(row["images_per_s"]), mode
+        if mode != "bare":      # the loader's count starts after its first batch (start-up timed apart)
+            assert row["images"] == 120 - 16 and row["defects"] == 0, (mode, row)
+    assert r["loader_vs_bare"] > 0 and r["s3_vs_local"] > 0

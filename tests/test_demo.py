@@ -177,7 +177,15 @@ def test_the_demo_models_go_through_a_zoo(demo, tmp_path, capsys, monkeypatch):
     from pretrain.cli import main
     from pretrain.resolve import as_package
 
+    from model_zoo import create_model
+    from model_zoo.package import save_package
+
     run = demo[0] / "runs" / "demo"
+    # run from a directory holding another runs/demo/tokenizer (a user's `make demo` in the checkout):
+    # the prior's recorded relative setting must not pick it up (issue 17: decoded by the wrong tokenizer)
+    torch.manual_seed(1)
+    save_package(create_model("vit-vqgan-ss-tiny").eval(), str(tmp_path / "cwd" / "runs" / "demo" / "tokenizer"))
+    monkeypatch.chdir(tmp_path / "cwd")
     monkeypatch.setenv("VQSCALE_ZOO", str(tmp_path / "zoo"))
     monkeypatch.setenv("VQSCALE_CACHE", str(tmp_path / "cache"))
     for stage in ("tokenizer", "prior"):

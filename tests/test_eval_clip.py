@@ -124,8 +124,11 @@ def test_end_to_end_on_a_tiny_text_prior(clip_file, tmp_path):
     assert grid.size[::-1] == grid_shape(6, tok.image_size, tok.image_size, ncol=2)   # one row per prompt
     # Per-sample seeds: another batch size, the same images and scores.
     again = evaluate_clip_score(pkg, PROMPTS, None, batch_size=1, **kw)
-    for a, b in zip(again["per_prompt"], r["per_prompt"]):    # conv rounding may differ by batch: ~1e-6
-        assert a["prompt"] == b["prompt"] and a["scores"] == pytest.approx(b["scores"], abs=1e-3)
+    # CLIP score is 100 x a float32 cosine: batch 1 vs 2 rounds convolutions and attention differently,
+    # 1e-5 in the score on one CPU, 1e-3 on another (6.9943 vs 6.9953); a different sampled token
+    # would move a score by whole units, so 0.05 still catches a real change.
+    for a, b in zip(again["per_prompt"], r["per_prompt"]):
+        assert a["prompt"] == b["prompt"] and a["scores"] == pytest.approx(b["scores"], abs=0.05)
     with pytest.raises(ValueError, match="not text-conditional"):
         vim = create_model("vim-small-tiny", codebook_size=64, grid_size=(4, 4))
         save_package(vim, str(tmp_path / "vim"), tokenizer=tok)
