@@ -65,6 +65,7 @@ class QuantizerConfig:
     restart_dead: bool = True      # restart dead codes from current encoder outputs (EMA and non-EMA)
     dead_threshold: float = 1.0    # a code whose EMA usage count falls below this is dead
     restart_every: int = 1         # check for dead codes every N training steps
+    data_init: bool = True         # at the first training step every code restarts from an encoder output
     kind: Literal["vq", "gumbel"] = "vq"
     tau_start: float = 1.0         # Gumbel temperature schedule: exponential anneal from start to end
     tau_end: float = 1 / 16
@@ -349,7 +350,8 @@ class VectorQuantizer(nn.Module):
             self.embed.copy_(self.embed_avg / smoothed.unsqueeze(1))
         self.steps.add_(1)
         restarted = torch.zeros((), device=ze.device)
-        if cfg.restart_dead and (cfg.restart_every == 1 or int(self.steps) % cfg.restart_every == 0):
+        check = cfg.restart_dead and (cfg.restart_every == 1 or int(self.steps) % cfg.restart_every == 0)
+        if check or (cfg.data_init and int(self.steps) == 1):
             restarted = self._restart(ze, world)
         stats = self._stats(counts)
         stats["restarted"] = restarted
@@ -362,7 +364,15 @@ class VectorQuantizer(nn.Module):
         contributes ceil(K / world) random rows of its batch, all-gathered and interleaved (code j
         takes a candidate from rank j % world); the dead set is decided on rank 0 and broadcast."""
         cfg, k = self.cfg, self.cfg.codebook_size
-        dead = (self.cluster_size < cfg.dead_threshold).float()
+        dead = self.cluster_size < cfg.dead_threshold if cfg.restart_dead else torch.zeros_like(self.cluster_size,
+                                                                                                dtype=torch.bool)
+        if cfg.data_init:
+            # The first training step (steps was just incremented to 1) restarts every code: random
+            # codes on the sphere sit far from the concentrated outputs of a fresh encoder, so one or
+            # two of them win every position and the rest never get a gradient (the demo's
+            # tokenizer used 6 of 64 codes at step 1 and never recovered within its grace period).
+            dead = dead | (self.steps == 1)
+        dead = dead.float()
         m = -(-k // world)
         n = ze.shape[0]
         idx = (torch.randperm(n, device=ze.device)[:m] if n >= m

@@ -24,7 +24,7 @@ Z4 = torch.tensor([[0.1, 0.2], [0.9, -0.1], [0.2, 1.5], [1.2, 0.4]])   # nearest
 
 def plain(k=3, dim=2, **kw) -> VectorQuantizer:
     """No projection, no normalization: the lookup space is the input space."""
-    kw = {"restart_dead": False, **kw}
+    kw = {"restart_dead": False, "data_init": False, **kw}
     return VectorQuantizer(dim, QuantizerConfig(codebook_size=k, dim=dim, factorized=False,
                                                 l2_normalize=False, **kw))
 
@@ -152,6 +152,29 @@ def test_dead_code_restart_revives_codes(ema):
     assert s4["usage"].item() > 1 / 8 and s4["dead_codes"].item() == 0
 
 
+@pytest.mark.parametrize("restart_dead", [True, False])
+def test_data_init_restarts_every_code_at_the_first_training_step(restart_dead):
+    """Random codes on the sphere against the concentrated outputs of a fresh encoder: one code wins
+    everything. ``data_init`` puts every code on an encoder output of the first training batch (and
+    queues the rows for a sharded optimizer), once."""
+    torch.manual_seed(0)
+    q = VectorQuantizer(8, QuantizerConfig(codebook_size=16, dim=8, factorized=False, restart_dead=restart_dead,
+                                           data_init=True)).train()
+    z = F.normalize(torch.randn(1, 8) + 0.05 * torch.randn(200, 8), dim=-1)   # one tight cluster
+    with torch.no_grad():
+        before = nearest(q, z).unique().numel()
+        s1 = q(z).stats
+    assert before <= 2 and s1["restarted"].item() == 16
+    rows = q.embed.detach()
+    assert (rows[:, None] - z[None]).square().sum(-1).min(dim=1).values.max().item() < 1e-10   # each an output
+    (w,) = q.pop_row_writes()
+    assert w.param is q.embed and bool(w.mask.all()) and torch.equal(w.values, rows)
+    with torch.no_grad():
+        assert nearest(q, z).unique().numel() >= 12                              # now they share the cluster
+        s2 = q(z).stats
+    assert s2["restarted"].item() == 0 and torch.equal(q.embed.detach(), rows)
+
+
 def test_usage_and_perplexity_of_a_known_assignment():
     q = plain(k=4)
     set_codebook(q, torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]))
@@ -167,7 +190,7 @@ def test_usage_and_perplexity_of_a_known_assignment():
 # ---- Regularized VQ stochastic mask, Gumbel -------------------------------------------------------
 def test_stochastic_mask_samples_exactly_the_ratio():
     torch.manual_seed(0)
-    cfg = dict(codebook_size=512, dim=8, factorized=False, restart_dead=False, prior_temperature=1e4)
+    cfg = dict(codebook_size=512, dim=8, factorized=False, restart_dead=False, data_init=False, prior_temperature=1e4)
     z = torch.randn(5, 100, 8)
     q0 = VectorQuantizer(8, QuantizerConfig(stochastic_mask_ratio=0.0, **cfg)).train()
     assert torch.equal(q0(z).codes, nearest(q0, z))
@@ -191,7 +214,8 @@ def test_stochastic_mask_samples_exactly_the_ratio():
 
 def test_gumbel_temperature_schedule_and_quantization():
     cfg = QuantizerConfig(codebook_size=64, dim=8, factorized=False, kind="gumbel", tau_start=1.0,
-                          tau_end=1 / 16, tau_anneal_steps=100, kl_weight_gumbel=0.5, restart_dead=False)
+                          tau_end=1 / 16, tau_anneal_steps=100, kl_weight_gumbel=0.5, restart_dead=False,
+                          data_init=False)
     q = VectorQuantizer(8, cfg)
     taus = []
     for step in (0, 25, 50, 100, 10_000):
