@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .interfaces import Tokenizer, TokenizerOutput, Tokens
-from .quantizers import QuantizerConfig, VectorQuantizer
+from .quantizers import QuantizerConfig, build_quantizer
 from .registry import register_model
 from .vqgan import AttnBlock, Decoder, Encoder, ResnetBlock, backbone_kwargs, replace_config
 
@@ -205,7 +205,7 @@ class MQVAE(Tokenizer):
         dim = cfg.quantizer.dim
         self.encoder = Encoder(in_channels=cfg.in_channels, **backbone)
         self.masker = AdaptiveMask(cfg.z_channels, dim, self.num_tokens)
-        self.quantizer = VectorQuantizer(dim, cfg.quantizer)
+        self.quantizer = build_quantizer(dim, cfg.quantizer)
         self.demasker = AdaptiveDemask(dim, cfg.ch * cfg.ch_mult[-1], cfg.demask_layers,
                                        cfg.mask_value, cfg.dropout)
         self.decoder = Decoder(out_ch=cfg.out_ch, with_stem=False, **backbone)

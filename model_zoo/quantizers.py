@@ -1,6 +1,11 @@
-"""Vector quantizers for discrete image tokenizers.
+"""Vector quantizers for discrete image tokenizers, the typed ``QuantizerConfig`` of every
+quantizer, and ``build_quantizer(in_dim, cfg)``, the factory the tokenizers call: ``kind`` "vq" and
+"gumbel" build a ``VectorQuantizer`` (here), "fsq" and "lfq" the codebook-free quantizers of
+model_zoo/scalar_quantizers.py (FSQ, Mentzer et al. 2023; LFQ with the MAGVIT-2 entropy loss, Yu et
+al. 2023). What all of them share (projections, fp32 quantization, usage statistics, the autograd
+all-reduce) is in model_zoo/quantizer_base.py.
 
-One module, ``VectorQuantizer``, implements the quantizers of the papers vqscale reproduces:
+``VectorQuantizer`` implements the codebook quantizers of the papers vqscale reproduces:
 
 - VQ-VAE (van den Oord et al., 2017, "Neural Discrete Representation Learning"): nearest-code
   lookup, straight-through gradient estimator, codebook loss ``||sg(z_e) - e||^2`` and commitment
@@ -20,6 +25,17 @@ One module, ``VectorQuantizer``, implements the quantizers of the papers vqscale
   the batch-averaged soft assignment ``p``, and stochastic mask regularization, a random fraction
   of positions quantized by Gumbel sampling (Gumbel-softmax relaxation backward) and the rest by
   argmax (softmax relaxation backward).
+- SimVQ (Zhu et al. 2024, "Addressing Representation Collapse in Vector Quantized Models with One
+  Linear Layer", arXiv:2411.02038), ``simvq=True``: the codebook is ``C W^T``, ``C`` a frozen
+  random ``[K, dim]`` buffer (N(0, 1/dim), from a fixed seed so every rank has the same) and ``W``
+  one learnable ``[dim, dim]`` map. The codebook loss ``||sg(z_e) - e||^2`` trains ``W``, which
+  moves every code at once, so codes that are never selected still follow the encoder and the
+  codebook does not collapse. Restarts and ``data_init`` are off (no rows of its own to rewrite).
+- The rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation
+  Trick", arXiv:2410.06424), ``rotation_trick=True`` (vq kind): instead of copying the gradient
+  straight through, ``z_q`` is ``z_e`` rotated onto its code and rescaled, with rotation and scale
+  held constant, so the gradient reaching ``z_e`` is the decoder's gradient rotated the same way:
+  its angle to ``z_e`` is the one it had to the code (:func:`rotate_to`).
 
 Dead codes (low EMA usage) are restarted from current encoder outputs. Under torch.distributed
 every codebook statistic is all-reduced, and restarts are decided on rank 0 from all-gathered
@@ -37,7 +53,8 @@ lookup space; it gives the Gumbel logits, Regularized VQ's sampling distribution
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import math
 
 from dataclasses import dataclass
 from typing import Literal
@@ -47,9 +64,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .interfaces import QuantizerOutput, RowWrite
+from .interfaces import RowWrite
+from .quantizer_base import AllReduceSum as _AllReduceSum
+from .quantizer_base import QuantizerBase, no_autocast
+from .quantizer_base import histogram as _histogram
+from .quantizer_base import world_size as _world_size
+from .scalar_quantizers import FSQuantizer, LFQuantizer
 
-__all__ = ["QuantizerConfig", "VectorQuantizer", "prior_kl"]
+__all__ = ["QuantizerConfig", "VectorQuantizer", "build_quantizer", "prior_kl", "rotate_to"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +88,16 @@ class QuantizerConfig:
     dead_threshold: float = 1.0    # a code whose EMA usage count falls below this is dead
     restart_every: int = 1         # check for dead codes every N training steps
     data_init: bool = True         # at the first training step every code restarts from an encoder output
-    kind: Literal["vq", "gumbel"] = "vq"
+    kind: Literal["vq", "gumbel", "fsq", "lfq"] = "vq"
+    # Codebooks that reach full use (module docstring). SimVQ and the rotation trick change the vq
+    # kind; fsq and lfq have no codebook (lookup dim len(fsq_levels) or log2(codebook_size), not dim).
+    simvq: bool = False            # codebook = frozen random buffer @ one learnable dim x dim map
+    rotation_trick: bool = False   # vq kind: gradient through the rotation + rescale taking z_e to its code
+    fsq_levels: tuple[int, ...] = ()     # kind "fsq": levels per dimension; codebook_size == prod(levels)
+    lfq_entropy_weight: float = 0.1      # kind "lfq": weight of per-sample entropy - gamma * batch entropy
+    lfq_diversity_gamma: float = 1.0     # weight of the batch entropy inside that term
+    lfq_temperature: float = 0.01        # softmax temperature of the code distribution of the entropies
+    lfq_entropy_group_bits: int = 9      # batch entropy exact up to this many bits, else over groups of bits
     tau_start: float = 1.0         # Gumbel temperature schedule: exponential anneal from start to end
     tau_end: float = 1 / 16
     tau_anneal_steps: int = 150_000
@@ -75,10 +106,9 @@ class QuantizerConfig:
     prior_kl: bool = False               # Regularized VQ: compute the prior-distribution KL term
     prior_temperature: float = 1.0       # softmax temperature of the soft assignments used for the KL
 
-
-def _histogram(codes: Tensor, k: int) -> Tensor:
-    """Counts per code as float (scatter_add rather than bincount: it also runs on meta)."""
-    return torch.zeros(k, device=codes.device).scatter_add_(0, codes, torch.ones_like(codes, dtype=torch.float))
+    def __post_init__(self):
+        # JSON and --set overrides give lists; a frozen config must stay hashable and compare equal
+        object.__setattr__(self, "fsq_levels", tuple(int(v) for v in self.fsq_levels))
 
 
 def prior_kl(avg_probs: Tensor) -> Tensor:
@@ -91,43 +121,33 @@ def prior_kl(avg_probs: Tensor) -> Tensor:
     return (p * torch.log((p * n).clamp_min(1e-30))).sum(-1)
 
 
-def _world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+def rotate_to(z: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
+    """The rotation trick (Fifty et al. 2024, sec. 4.2): forward value ``q``; backward
+    ``dL/dz = lam * R^T dL/dq`` with ``lam = ||q|| / ||z||`` and ``R`` the rotation in the plane of
+    ``z`` and ``q`` taking ``z/||z||`` to ``q/||q||`` (both held constant). With ``u = z/||z||``,
+    ``h = q/||q||``, ``w = (u + h)/||u + h||``: ``R = I - 2 w w^T + 2 h u^T``, applied to the
+    vectors directly (no ``[P, dim, dim]`` matrices). ``u = -h`` leaves ``w = 0``, still exact."""
+    zn = z.detach().norm(dim=-1, keepdim=True).clamp_min(eps)
+    qn = q.detach().norm(dim=-1, keepdim=True)
+    u, h = z.detach() / zn, q.detach() / qn.clamp_min(eps)
+    w = F.normalize(u + h, dim=-1)
+    rotated = (z - 2 * (z * w).sum(-1, keepdim=True) * w + 2 * (z * u).sum(-1, keepdim=True) * h) * (qn / zn)
+    # rotated equals q up to rounding; the forward value is q exactly, as with straight-through
+    return rotated + (q.detach() - rotated).detach()
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose backward sums the gradient over ranks too (d sum_r x_r / d x_r is the
-    identity, but every rank's loss depends on every x_r). Our own blocking collective rather
-    than torch.distributed.nn's: that one is deprecated and its functional-collective machinery
-    aborted a gloo process at exit ("terminate called without an active exception") in CI."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        y = x.clone()
-        dist.all_reduce(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        g = grad.clone()
-        dist.all_reduce(g)
-        return g
+_SIMVQ_SEED = 20241104   # the frozen SimVQ codebook's generator seed (identical on every rank and rebuild)
 
 
-# Buffers that hold running statistics: kept in fp32 whatever dtype the module is cast to
-# (DeepSpeed's bf16 mode calls module.bfloat16(); an EMA with decay 0.99 stalls at bf16 precision).
-_FP32_BUFFERS = ("embed", "embed_avg", "cluster_size")
-
-
-class VectorQuantizer(nn.Module):
+class VectorQuantizer(QuantizerBase):
     """``forward(z[..., in_dim]) -> QuantizerOutput``; ``lookup(codes) -> [..., in_dim]``.
 
     Buffers (all in the state_dict): ``cluster_size`` (EMA of per-code assignment counts, also the
     usage counter for dead-code detection without EMA updates), ``embed_avg`` (EMA of embedding
     sums, EMA only), ``steps`` (training forwards seen, for ``restart_every``). With ``ema`` the
     codebook ``embed`` is a buffer, otherwise a parameter; the state_dict key is ``embed`` in both.
+    With ``simvq`` ``embed`` is the frozen random buffer and ``embed_proj`` ([dim, dim]) the
+    learnable map: the codebook is ``embed @ embed_proj.T``.
 
     ``loss`` = codebook + beta * commitment (vq kind; no codebook term with EMA), or
     ``kl_weight_gumbel * gumbel_kl`` (gumbel kind). ``losses["prior_kl"]`` is unweighted and NOT in
@@ -135,33 +155,33 @@ class VectorQuantizer(nn.Module):
     """
 
     def __init__(self, in_dim: int, cfg: QuantizerConfig):
-        super().__init__()
         if cfg.kind not in ("vq", "gumbel"):
-            raise ValueError(f"kind must be 'vq' or 'gumbel', got {cfg.kind!r}")
-        if not cfg.factorized and cfg.dim != in_dim:
-            raise ValueError(f"factorized=False needs dim == in_dim, got {cfg.dim} != {in_dim}")
+            raise ValueError(f"VectorQuantizer takes kind 'vq' or 'gumbel', got {cfg.kind!r} "
+                             "(build_quantizer builds every kind)")
         if not 0.0 <= cfg.stochastic_mask_ratio <= 1.0:
             raise ValueError("stochastic_mask_ratio must be in [0, 1]")
         if cfg.restart_every < 1:
             raise ValueError("restart_every must be >= 1")
-        self.cfg, self.in_dim = cfg, in_dim
+        if cfg.simvq and cfg.ema:
+            raise ValueError("simvq=True trains its codebook through the linear map: it needs ema=False")
+        if cfg.rotation_trick and (cfg.kind != "vq" or cfg.stochastic_mask_ratio > 0):
+            raise ValueError("rotation_trick replaces the straight-through estimator of the vq kind's argmax; "
+                             "it needs kind='vq' and stochastic_mask_ratio=0")
+        if cfg.simvq:
+            # C W has no rows of its own to restart or to place on encoder outputs, and every code
+            # moves with W, which is what keeps codes alive (the paper's point): both are off.
+            cfg = dataclasses.replace(cfg, restart_dead=False, data_init=False)
+        super().__init__(in_dim, cfg, cfg.dim)
         k, d = cfg.codebook_size, cfg.dim
-        self.proj_in = nn.Linear(in_dim, d) if cfg.factorized else nn.Identity()
-        self.proj_out = nn.Linear(d, in_dim) if cfg.factorized else nn.Identity()
         embed = torch.empty(k, d)
-        if cfg.ema:
+        if cfg.ema or cfg.simvq:
             self.register_buffer("embed", embed)
-            self.register_buffer("embed_avg", torch.empty(k, d))
         else:
             self.embed = nn.Parameter(embed)
-        self.register_buffer("cluster_size", torch.empty(k))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        # Fresh and restarted codes start with this usage count, twice the dead threshold, so a code
-        # that is never chosen is declared dead after ln(2) / (1 - decay) steps (~69 at 0.99): a grace
-        # period instead of restarting the whole codebook at step 0. With the EMA, embed_avg starts at
-        # embed * count so embed_avg / cluster_size is the code itself and unused codes do not drift.
-        self._init_count = max(2.0 * cfg.dead_threshold, 1.0)
-        self._step = 0          # set_step(): the trainer's global step, for the temperature schedule
+        if cfg.ema:
+            self.register_buffer("embed_avg", torch.empty(k, d))
+        if cfg.simvq:
+            self.embed_proj = nn.Parameter(torch.empty(d, d))
         self._row_write: RowWrite | None = None   # restarts of a parameter codebook, for the optimizer's owner
         self.reset_parameters()
 
@@ -169,39 +189,24 @@ class VectorQuantizer(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise codebook and statistics (no data-dependent ops: works on the meta device, and
         after ``to_empty()`` materialises a meta-built model)."""
+        super().reset_parameters()
         cfg, k = self.cfg, self.cfg.codebook_size
-        if cfg.l2_normalize:    # random directions on the unit sphere
+        if cfg.simvq:
+            # The official SimVQ init, N(0, 1/dim), from a fixed seed: DeepSpeed broadcasts parameters
+            # only, not buffers, and the trainer seeds each rank differently, so a frozen codebook drawn
+            # from the global RNG would differ between ranks.
+            g = torch.Generator().manual_seed(_SIMVQ_SEED)
+            self.embed.copy_(torch.randn(k, cfg.dim, generator=g) * cfg.dim ** -0.5)
+            nn.init.kaiming_uniform_(self.embed_proj, a=math.sqrt(5))   # nn.Linear's init
+        elif cfg.l2_normalize:  # random directions on the unit sphere
             self.embed.normal_()
             self.embed.copy_(F.normalize(self.embed, dim=-1))
         else:                   # small uniform, as in taming-transformers' VQGAN
             self.embed.uniform_(-1.0 / k, 1.0 / k)
-        self.cluster_size.fill_(self._init_count)
-        if cfg.ema:
+        if cfg.ema:   # embed_avg / cluster_size is then the code itself: unused codes do not drift
             self.embed_avg.copy_(self.embed * self._init_count)
-        self.steps.zero_()
-        for m in (self.proj_in, self.proj_out):
-            if isinstance(m, nn.Linear):
-                m.reset_parameters()
-
-    def _apply(self, fn, recurse=True):
-        # Keep the statistics buffers in fp32 (with their original values, not a bf16 round trip)
-        # when the module is cast; device moves still apply.
-        before = {n: self._buffers.get(n) for n in _FP32_BUFFERS}
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers.get(name)
-            if old is not None and new is not None and new.dtype != old.dtype and old.dtype == torch.float32:
-                self._buffers[name] = old.to(new.device)
-        return self
 
     # ---- schedule -----------------------------------------------------------------------------
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.codebook_size
-
-    def set_step(self, step: int) -> None:
-        self._step = int(step)
-
     @property
     def tau(self) -> float:
         """Gumbel temperature: exponential anneal ``start * (end/start)^(step/T)``, then ``end``."""
@@ -217,34 +222,17 @@ class VectorQuantizer(nn.Module):
 
         Always a copy: the graph of this step then never holds the ``embed`` storage itself, so the
         in-place EMA update and dead-code restart after the forward cannot invalidate backward."""
-        e = self.embed.to(torch.float32, copy=True)
+        if self.cfg.simvq:
+            with no_autocast(self.embed.device):
+                e = self.embed.float() @ self.embed_proj.float().t()
+        else:
+            e = self.embed.to(torch.float32, copy=True)
         return F.normalize(e, dim=-1) if self.cfg.l2_normalize else e
 
-    def _project_out(self, zq: Tensor) -> Tensor:
-        if isinstance(self.proj_out, nn.Linear):
-            return self.proj_out(zq.to(self.proj_out.weight.dtype))
-        return zq
-
-    def lookup(self, codes: Tensor) -> Tensor:
-        """Code indices ``[...]`` -> ``[..., in_dim]``: what ``decode`` feeds the decoder."""
-        return self._project_out(F.embedding(codes, self.codebook()))
+    def _vectors(self, codes: Tensor) -> Tensor:
+        return F.embedding(codes, self.codebook())
 
     # ---- forward ------------------------------------------------------------------------------
-    def forward(self, z: Tensor) -> QuantizerOutput:
-        cfg = self.cfg
-        lead = z.shape[:-1]
-        ze = self.proj_in(z.reshape(-1, self.in_dim))
-        # Distances, softmaxes and statistics in fp32 even under bf16 autocast: bf16's 8-bit mantissa
-        # cannot separate neighbouring codes (2 - 2cos differs in the 3rd digit) or accumulate EMAs.
-        # (autocast has no meta backend: a full-size model is traced on meta without it)
-        no_autocast = (torch.autocast(z.device.type, enabled=False) if z.device.type != "meta"
-                       else contextlib.nullcontext())
-        with no_autocast:
-            zq, codes, loss, dist_, losses, stats = self._quantize(ze.float())
-        z_q = self._project_out(zq).to(z.dtype).reshape(z.shape)
-        return QuantizerOutput(z_q=z_q, codes=codes.reshape(lead), loss=loss,
-                               distances=dist_.reshape(lead), losses=losses, stats=stats)
-
     def _quantize(self, ze: Tensor):
         cfg, k = self.cfg, self.cfg.codebook_size
         train = self.training
@@ -283,8 +271,11 @@ class VectorQuantizer(nn.Module):
         else:
             codes = nearest
             e = E.index_select(0, codes)
-            # Straight-through: forward value e, gradient identity to z_e (in the lookup space).
-            zq = ze + (e - ze).detach() if grad else e
+            if grad and cfg.rotation_trick:
+                zq = rotate_to(ze, e.detach())
+            else:
+                # Straight-through: forward value e, gradient identity to z_e (in the lookup space).
+                zq = ze + (e - ze).detach() if grad else e
 
         e_sel = E.index_select(0, codes)
         zero = ze.new_zeros(())
@@ -320,12 +311,6 @@ class VectorQuantizer(nn.Module):
         return [w] if w is not None else []
 
     # ---- statistics, EMA, restarts ------------------------------------------------------------
-    def _stats(self, counts: Tensor) -> dict[str, Tensor]:
-        p = counts / counts.sum().clamp_min(1.0)
-        entropy = -(p * p.clamp_min(1e-30).log()).sum()
-        return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp(),
-                "dead_codes": (self.cluster_size < self.cfg.dead_threshold).sum().float()}
-
     @torch.no_grad()
     def _statistics(self, codes: Tensor, ze: Tensor) -> dict[str, Tensor]:
         """Training step: all-reduce the batch statistics, update the EMAs, restart dead codes."""
@@ -401,3 +386,18 @@ class VectorQuantizer(nn.Module):
         if cfg.ema:
             self.embed_avg.copy_(torch.where(mask[:, None], new * self._init_count, self.embed_avg))
         return dead.sum()
+
+
+def build_quantizer(in_dim: int, cfg: QuantizerConfig) -> QuantizerBase:
+    """The quantizer ``cfg.kind`` names, over features of width ``in_dim``: what every tokenizer
+    calls (``vq`` / ``gumbel``: :class:`VectorQuantizer`, SimVQ and the rotation trick included;
+    ``fsq`` and ``lfq``: model_zoo.scalar_quantizers)."""
+    if cfg.kind in ("fsq", "lfq"):
+        unsupported = {"ema": cfg.ema, "simvq": cfg.simvq, "rotation_trick": cfg.rotation_trick,
+                       "prior_kl": cfg.prior_kl, "stochastic_mask_ratio": cfg.stochastic_mask_ratio > 0,
+                       "kl_weight_gumbel": cfg.kl_weight_gumbel > 0}
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise ValueError(f"kind={cfg.kind!r} has no codebook to apply {', '.join(bad)} to")
+        return (FSQuantizer if cfg.kind == "fsq" else LFQuantizer)(in_dim, cfg)
+    return VectorQuantizer(in_dim, cfg)

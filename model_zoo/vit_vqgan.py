@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .interfaces import Tokenizer, TokenizerOutput, Tokens
-from .quantizers import QuantizerConfig, VectorQuantizer
+from .quantizers import QuantizerConfig, build_quantizer
 from .registry import register_model
 
 PAPER = "Yu et al. 2021, Vector-quantized Image Modeling with Improved VQGAN, arXiv:2110.04627"
@@ -260,7 +260,7 @@ class ViTVQGAN(Tokenizer):
         super().__init__()
         self.config = cfg
         self.encoder = ViTEncoder(cfg)
-        self.quantizer = VectorQuantizer(cfg.enc_width, cfg.quantizer)
+        self.quantizer = build_quantizer(cfg.enc_width, cfg.quantizer)
         self.decoder = ViTDecoder(cfg)
         self.image_size = cfg.image_size
         self.grid_size = cfg.grid_size

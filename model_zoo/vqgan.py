@@ -43,6 +43,12 @@ no discriminator or LPIPS). vqgan-f16 = encoder 29,298,176 + decoder 42,449,795 
 Each preset has a ``-tiny`` CPU twin with the same downsampling factor (ch 32, one ResnetBlock
 per level, codebook 64 x 32, a 4 x 4 grid): vqgan-f8-tiny 32 px, 1,113,283 parameters;
 vqgan-f16-tiny and regvq-f16-tiny 64 px, 1,409,475 parameters.
+
+CPU presets of the codebooks that reach full use (model_zoo/quantizers.py and
+model_zoo/scalar_quantizers.py), on the vqgan-f8-tiny backbone, 64 codes each:
+``vqgan-f8-fsq-tiny`` (FSQ, levels (4, 4, 4)), ``vqgan-f8-lfq-tiny`` (LFQ, 6 bits, MAGVIT-2 entropy
+loss) and ``vqgan-f8-simvq-tiny`` (SimVQ). Any preset takes them through its quantizer, e.g.
+``quantizer={"kind": "fsq", "fsq_levels": (8, 5, 5, 5), "codebook_size": 1000, "dim": 4}``.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .interfaces import Tokenizer, TokenizerOutput, Tokens
-from .quantizers import QuantizerConfig, VectorQuantizer
+from .quantizers import QuantizerConfig, build_quantizer
 from .registry import register_model
 
 TAMING = "Esser et al., Taming Transformers for High-Resolution Image Synthesis, CVPR 2021"
@@ -312,7 +318,7 @@ class VQGAN(Tokenizer):
         self.decoder = Decoder(out_ch=cfg.out_ch, **backbone)
         dim = cfg.quantizer.dim
         self.quant_conv = nn.Conv2d(cfg.z_channels, dim, 1)
-        self.quantizer = VectorQuantizer(dim, cfg.quantizer)
+        self.quantizer = build_quantizer(dim, cfg.quantizer)
         self.post_quant_conv = nn.Conv2d(dim, cfg.z_channels, 1)
         r = cfg.resolution // cfg.downsample
         self.image_size = cfg.resolution
@@ -404,3 +410,36 @@ def regvq_f16(**overrides) -> VQGAN:
 @register_model("regvq-f16-tiny", kind="tokenizer", paper=REGVQ)
 def regvq_f16_tiny(**overrides) -> VQGAN:
     return VQGAN(replace_config(_tiny(REGVQ_F16), **overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Codebooks that reach full use, on the vqgan-f8 backbone: CPU presets with 64 codes (no full-size
+# preset or recipe yet). The encoder emits the quantizer's own channels (quant_conv to 3 for FSQ,
+# 6 for LFQ), as the FSQ and MAGVIT-2 tokenizers do.
+
+FSQ = "Mentzer et al., Finite Scalar Quantization: VQ-VAE Made Simple, ICLR 2024 (arXiv:2309.15505)"
+LFQ = ("Yu et al., Language Model Beats Diffusion - Tokenizer is Key to Visual Generation, ICLR 2024 "
+       "(arXiv:2310.05737)")
+SIMVQ = ("Zhu et al., Addressing Representation Collapse in Vector Quantized Models with One Linear Layer "
+         "(arXiv:2411.02038)")
+FSQ_F8_TINY = replace_config(_tiny(VQGAN_F8), quantizer={"kind": "fsq", "fsq_levels": (4, 4, 4), "dim": 3})
+LFQ_F8_TINY = replace_config(_tiny(VQGAN_F8), quantizer={"kind": "lfq", "dim": 6})
+SIMVQ_F8_TINY = replace_config(_tiny(VQGAN_F8), quantizer={"simvq": True})
+
+
+@register_model("vqgan-f8-fsq-tiny", kind="tokenizer", paper=FSQ)
+def vqgan_f8_fsq_tiny(**overrides) -> VQGAN:
+    """vqgan-f8-tiny with FSQ, levels (4, 4, 4): 64 codes."""
+    return VQGAN(replace_config(FSQ_F8_TINY, **overrides))
+
+
+@register_model("vqgan-f8-lfq-tiny", kind="tokenizer", paper=LFQ)
+def vqgan_f8_lfq_tiny(**overrides) -> VQGAN:
+    """vqgan-f8-tiny with LFQ, 6 bits (64 codes) and the MAGVIT-2 entropy loss."""
+    return VQGAN(replace_config(LFQ_F8_TINY, **overrides))
+
+
+@register_model("vqgan-f8-simvq-tiny", kind="tokenizer", paper=SIMVQ)
+def vqgan_f8_simvq_tiny(**overrides) -> VQGAN:
+    """vqgan-f8-tiny with SimVQ: 64 frozen random codes of dim 32 times one learnable 32 x 32 map."""
+    return VQGAN(replace_config(SIMVQ_F8_TINY, **overrides))

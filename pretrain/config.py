@@ -177,15 +177,28 @@ def _set(cfg: Any, path: list[str], raw: Any, full: str) -> Any:
         return dataclasses.replace(cfg, **{name: _coerce(raw, tp, full)})
     if dataclasses.is_dataclass(current):
         return dataclasses.replace(cfg, **{name: _set(current, path[1:], raw, full)})
-    if get_origin(tp) is dict and len(path) == 2:
+    if get_origin(tp) is dict:
         vt = get_args(tp)[1] if get_args(tp) else Any
-        new = dict(current)
-        if isinstance(raw, str) and raw.lower() in ("none", "null", "delete"):
-            new.pop(path[1], None)
-        else:
-            new[path[1]] = _coerce(raw, vt, full)
-        return dataclasses.replace(cfg, **{name: new})
+        return dataclasses.replace(cfg, **{name: _set_in_dict(current, path[1:], raw, vt, full)})
     raise ConfigError(f"config key '{here}' is a value, not a section: cannot set '{full}'")
+
+
+def _set_in_dict(current: dict, path: list[str], raw: Any, vt: Any, full: str) -> dict:
+    """``model_args.grid_size=[8,8]``; a deeper key sets one entry of a nested dict,
+    ``model_args.quantizer.kind=fsq``, which the preset merges into its nested config field by field."""
+    new = dict(current)
+    if len(path) == 1:
+        if isinstance(raw, str) and raw.lower() in ("none", "null", "delete"):
+            new.pop(path[0], None)
+        else:
+            new[path[0]] = _coerce(raw, vt, full)
+        return new
+    inner = new.get(path[0], {})
+    if not isinstance(inner, dict):
+        here = full.rsplit(".", len(path) - 1)[0]
+        raise ConfigError(f"config key '{here}' is a value, not a section: cannot set '{full}'")
+    new[path[0]] = _set_in_dict(inner, path[1:], raw, Any, full)
+    return new
 
 
 def apply_overrides(cfg: Any, overrides: typing.Iterable[str]) -> Any:

@@ -284,7 +284,8 @@ class TokenizerObjective:
                  terms: dict[str, Tensor], codebook_size: int, training: bool) -> dict[str, Tensor]:
         m = {"loss": total.detach()}
         m.update({f"loss/{k}": v.detach().float() for k, v in terms.items()})
-        for k in ("codebook", "commitment", "gumbel_kl"):   # parts of quant.loss, unweighted
+        for k in ("codebook", "commitment", "gumbel_kl", "entropy", "per_sample_entropy", "batch_entropy"):
+            # parts of quant.loss, unweighted (the last three: LFQ's entropy loss)
             if k in out.quant.losses:
                 m[f"loss/{k}"] = out.quant.losses[k].detach().float()
         if "prior_kl" in out.quant.losses and "loss/prior_kl" not in m:   # computed, not weighted

@@ -188,6 +188,9 @@ _TOKENIZERS = {   # name -> (optimizer, global batch, steps, resolution)
     "regvq-f16": (_TAMING_OPTIM, 256, 500_000, 256),
     "mq-vae-f8": (_TAMING_OPTIM, 256, 500_000, 256),
 }
+# Presets with only a CPU twin (the vqgan-f8 backbone with the codebooks that reach full use:
+# model_zoo/vqgan.py): a -tiny recipe each, with the settings of the recipe named here.
+_TINY_ONLY_TOKENIZERS = {"vqgan-f8-fsq": "vqgan-f8", "vqgan-f8-lfq": "vqgan-f8", "vqgan-f8-simvq": "vqgan-f8"}
 _PRIORS = {       # name -> (optimizer, global batch, steps)
     "vim-small": (_VIM_OPTIM, 1024, 450_000),
     "vim-base": (_VIM_OPTIM, 1024, 450_000),
@@ -237,7 +240,7 @@ def _discriminator(name: str, tiny: bool, optim: OptimConfig, steps: int, res: i
 
 
 def _tokenizer_recipe(name: str, tiny: bool) -> RunConfig:
-    optim, batch, steps, res = _TOKENIZERS[name]
+    optim, batch, steps, res = _TOKENIZERS[_TINY_ONLY_TOKENIZERS.get(name, name)]
     loss = TokenizerLossConfig.for_tokenizer(name)
     cfg = RunConfig(name=name + ("-tiny" if tiny else ""), stage="tokenizer", model=name + ("-tiny" if tiny else ""),
                     global_batch_size=batch, steps=steps, optim=optim, tokenizer_loss=loss,
@@ -288,6 +291,8 @@ def _register_all() -> None:
     for name in _TOKENIZERS:
         for tiny in (False, True):
             register_recipe(name + ("-tiny" if tiny else ""))(lambda n=name, t=tiny: _tokenizer_recipe(n, t))
+    for name in _TINY_ONLY_TOKENIZERS:
+        register_recipe(name + "-tiny")(lambda n=name: _tokenizer_recipe(n, True))
     for name in _PRIORS:
         for tiny in (False, True):
             register_recipe(name + ("-tiny" if tiny else ""))(lambda n=name, t=tiny: _prior_recipe(n, t))

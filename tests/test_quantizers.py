@@ -16,7 +16,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:      # when run as a script by torch.distributed.run
     sys.path.insert(0, _ROOT)
 
-from model_zoo.quantizers import QuantizerConfig, VectorQuantizer, prior_kl  # noqa: E402
+from model_zoo.quantizers import QuantizerConfig, VectorQuantizer, build_quantizer, prior_kl  # noqa: E402
 
 E3 = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
 Z4 = torch.tensor([[0.1, 0.2], [0.9, -0.1], [0.2, 1.5], [1.2, 0.4]])   # nearest codes 0, 1, 2, 1
@@ -308,7 +308,33 @@ def test_meta_construction_and_bf16():
 def _dist_configs():
     base = dict(codebook_size=32, dim=4, decay=0.8, dead_threshold=1.0, prior_kl=True)
     return {"ema": QuantizerConfig(ema=True, restart_every=2, **base),
-            "param": QuantizerConfig(ema=False, stochastic_mask_ratio=0.4, **base)}
+            "param": QuantizerConfig(ema=False, stochastic_mask_ratio=0.4, **base),
+            **_full_use_configs()}
+
+
+def _full_use_configs():
+    """The codebooks that reach full use (tests/test_codebooks.py): SimVQ with the rotation trick,
+    FSQ (4 x 2 x 4 = 32 codes), LFQ (5 bits, batch entropy over bit groups of 3 + 2)."""
+    base = dict(codebook_size=32, dim=4, decay=0.8, dead_threshold=1.0)
+    return {"simvq": QuantizerConfig(simvq=True, rotation_trick=True, **base),
+            "fsq": QuantizerConfig(kind="fsq", fsq_levels=(4, 2, 4), **base),
+            "lfq": QuantizerConfig(kind="lfq", lfq_temperature=0.5, lfq_entropy_group_bits=3, **base)}
+
+
+def _grad_target(q, cfg: QuantizerConfig):
+    """The parameter whose gradient of the rank's loss the 2-process test compares (None: the loss has
+    no gradient, FSQ)."""
+    if cfg.kind == "fsq":
+        return None
+    if cfg.simvq:
+        return q.embed_proj
+    return q.proj_in.weight if cfg.ema or cfg.kind == "lfq" else q.embed
+
+
+def _dist_loss(out, cfg: QuantizerConfig):
+    """The term whose value and gradient must be the global batch's: the prior KL where computed,
+    else the quantizer's loss (LFQ: its batch entropy goes through the autograd all-reduce)."""
+    return out.losses["prior_kl"] if cfg.prior_kl else out.loss
 
 
 def _dist_worker(out_dir: str) -> None:
@@ -316,22 +342,30 @@ def _dist_worker(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     for name, cfg in _dist_configs().items():
-        torch.manual_seed(0)               # identical init, as DDP/DeepSpeed's broadcast gives
-        q = VectorQuantizer(8, cfg).train()
+        # identical init, as DDP/DeepSpeed's broadcast gives. SimVQ: each rank seeded differently, as
+        # the trainer does, and only the parameters broadcast, as DeepSpeed does: its frozen codebook
+        # buffer must come out identical on its own.
+        torch.manual_seed(rank if cfg.simvq else 0)
+        q = build_quantizer(8, cfg).train()
+        if cfg.simvq:
+            for p in q.parameters():
+                dist.broadcast(p.data, 0)
         torch.manual_seed(100 + rank)      # different data and restart candidates per rank
         centers = torch.randn(3, 8) * 3
         log = []
         for step in range(8):
             z = centers[torch.randint(3, (40,))] + 0.1 * torch.randn(40, 8)
-            with torch.no_grad():          # this rank's share of p_n, before the step updates
-                ze = F.normalize(q.proj_in(z), dim=-1)
-                local = torch.softmax(-torch.cdist(ze, q.codebook()).square(), -1).sum(0)
+            entry = {"z": z}
+            if cfg.prior_kl:
+                with torch.no_grad():          # this rank's share of p_n, before the step updates
+                    ze = F.normalize(q.proj_in(z), dim=-1)
+                    entry["local_probs"] = torch.softmax(-torch.cdist(ze, q.codebook()).square(), -1).sum(0)
             out = q(z)
-            entry = {"z": z, "codes": out.codes, "stats": out.stats, "local_probs": local,
-                     "prior_kl": out.losses["prior_kl"].detach()}
-            if step == 0:   # the gradient goes through the autograd all-reduce (a collective)
-                target = q.proj_in.weight if cfg.ema else q.embed
-                entry["grad"] = torch.autograd.grad(out.losses["prior_kl"], target)[0]
+            entry.update(codes=out.codes, stats=out.stats, losses={k: v.detach() for k, v in out.losses.items()},
+                         loss=_dist_loss(out, cfg).detach())
+            target = _grad_target(q, cfg)
+            if step == 0 and target is not None:   # LFQ, prior KL: through the autograd all-reduce
+                entry["grad"] = torch.autograd.grad(_dist_loss(out, cfg), target)[0]
             log.append(entry)
         torch.save({"state": q.state_dict(), "log": log}, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
     dist.destroy_process_group()
@@ -351,30 +385,38 @@ def test_two_ranks_keep_identical_codebooks(tmp_path):
         assert r0["state"].keys() == r1["state"].keys()
         for k in r0["state"]:
             assert torch.equal(r0["state"][k], r1["state"][k]), (name, k)
-        assert sum(e["stats"]["restarted"].item() for e in r0["log"]) > 0, name
+        if name in ("ema", "param"):        # the others have no codebook rows to restart
+            assert sum(e["stats"]["restarted"].item() for e in r0["log"]) > 0, name
         assert not torch.equal(r0["log"][0]["z"], r1["log"][0]["z"])      # different data
         for a, b in zip(r0["log"], r1["log"]):
             for k in a["stats"]:
                 assert torch.equal(a["stats"][k], b["stats"][k]), (name, k)
             # usage/perplexity are those of the global batch
-            counts = torch.bincount(torch.cat([a["codes"], b["codes"]]), minlength=32).float()
+            counts = torch.bincount(torch.cat([a["codes"], b["codes"]]), minlength=cfg.codebook_size).float()
             p = counts / counts.sum()
             ppl = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
             assert a["stats"]["usage"].item() == pytest.approx((counts > 0).float().mean().item())
             assert a["stats"]["perplexity"].item() == pytest.approx(ppl.item(), rel=1e-5)
-            # prior KL of the token distribution averaged over both ranks' positions
-            glob = prior_kl((a["local_probs"] + b["local_probs"]) / 80)
-            assert a["prior_kl"].item() == pytest.approx(glob.item(), rel=1e-4, abs=1e-6)
-            assert torch.equal(a["prior_kl"], b["prior_kl"])
-        # gradient of the global KL: the mean of the ranks' gradients (data-parallel averaging)
-        # equals the single-process gradient on the concatenated batch
+            if cfg.prior_kl:     # prior KL of the token distribution averaged over both ranks' positions
+                glob = prior_kl((a["local_probs"] + b["local_probs"]) / 80)
+                assert a["losses"]["prior_kl"].item() == pytest.approx(glob.item(), rel=1e-4, abs=1e-6)
+                assert torch.equal(a["losses"]["prior_kl"], b["losses"]["prior_kl"])
+            if cfg.kind == "lfq":
+                assert torch.equal(a["losses"]["batch_entropy"], b["losses"]["batch_entropy"])
+        # the single process on the concatenated batch: LFQ's batch entropy is the global one, and
+        # the mean of the ranks' gradients (data-parallel averaging) is its gradient
         torch.manual_seed(0)
-        q = VectorQuantizer(8, cfg).train()
+        q = build_quantizer(8, cfg).train()
         out = q(torch.cat([r0["log"][0]["z"], r1["log"][0]["z"]]))
-        target = q.proj_in.weight if cfg.ema else q.embed
-        g = torch.autograd.grad(out.losses["prior_kl"], target)[0]
-        mean = (r0["log"][0]["grad"] + r1["log"][0]["grad"]) / 2
-        assert torch.allclose(mean, g, rtol=1e-4, atol=1e-7), name
+        if cfg.kind == "lfq":
+            assert r0["log"][0]["losses"]["batch_entropy"].item() == pytest.approx(
+                out.losses["batch_entropy"].item(), rel=1e-5)
+            assert (r0["log"][0]["loss"] + r1["log"][0]["loss"]).item() / 2 == pytest.approx(out.loss.item(), rel=1e-5)
+        target = _grad_target(q, cfg)
+        if target is not None:
+            g = torch.autograd.grad(_dist_loss(out, cfg), target)[0]
+            mean = (r0["log"][0]["grad"] + r1["log"][0]["grad"]) / 2
+            assert torch.allclose(mean, g, rtol=1e-4, atol=1e-7), name
 
 
 if __name__ == "__main__":
