@@ -1,26 +1,31 @@
-"""The seeds' claims, checked at small scale on the demo data (issue 7).
+"""The seeds' claims, checked at small scale on the demo data (issues 7 and 18).
 
-Every variant trains with the same budget (steps, batch, lr, seed) through the real Trainer, then
-is measured on the held-out split with the trained tokenizer (EMA weights, via the resolver):
+Every variant trains with the same budget (steps, batch, lr) through the real Trainer, once per seed
+(``--seeds``, default 0,1), then is measured on the held-out split with the trained tokenizer (EMA
+weights, via the resolver):
 
 * codebook usage (distinct codes used over the whole held-out split / codebook size), the
-  perplexity of the code histogram, and dead codes;
+  perplexity of the code histogram;
 * reconstruction MSE and PSNR, and tokens per image.
 
 Variants (``--variants``, default all): on the CNN VQGAN f8 backbone at 64 px (8x8 tokens, 64 codes)
 
-* ``vq-plain``: taming's VQ (unfactorized, un-normalized codes, codebook loss), no dead-code restart;
-* ``vq-restart``: the same with dead-code restarts (what vqscale does by default);
+* ``vq-plain``: taming's VQ (unfactorized, un-normalized codes, codebook loss), no dead-code
+  restart and no data-dependent codebook init;
+* ``vq-restart``: the same with dead-code restarts and ``data_init`` (what vqscale does by default;
+  restarts reach DeepSpeed's master copy, pretrain/engine.py ``apply_row_writes``);
 * ``vq-factorized-l2``: ViT-VQGAN's factorized 8-d l2-normalized codes (no restart);
-* ``regvq``: Regularized VQ's prior KL (weight 1) and 40% stochastic mask (no restart; the
-  probabilistic contrastive term needs pretrained LPIPS weights, not available offline: left out);
+* ``regvq``: Regularized VQ (prior KL, 40% stochastic mask; the probabilistic contrastive term
+  needs pretrained VGG weights, not available offline: left out);
+* ``simvq``, ``fsq``, ``lfq``: the codebooks that reach full use (presets vqgan-f8-simvq-tiny,
+  vqgan-f8-fsq-tiny with levels (4, 4, 4), vqgan-f8-lfq-tiny with 6 bits; 64 codes each);
 
 and MQ-VAE f8 at 64 px with keep ratio 1.0, 0.5, 0.25 (``mqvae-1.0`` ...). ``--adversarial`` adds
 each variant again with the adversarial term on (needs the GAN trainer: ``discriminator.model``).
 
-    python benchmarks/bench_claims.py --steps 600 --out benchmarks/results/claims.json
+    python benchmarks/bench_claims.py --steps 150 --seeds 0,1 --out benchmarks/results/claims.json
 
-Prints a table and writes JSON; benchmarks/RESULTS.md records what was measured.
+Prints a table (the range over seeds) and writes JSON; benchmarks/RESULTS.md records what was measured.
 """
 
 from __future__ import annotations
@@ -36,33 +41,39 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-NO_RESTART = {"restart_dead": False}
+from benchmarks.report import write_json  # noqa: E402
+
+NO_RESTART = {"restart_dead": False, "data_init": False}
 VARIANTS = {
     "vq-plain": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART}}, {}),
-    "vq-restart": ("vqgan-f8-tiny", {"quantizer": {"restart_dead": True}}, {}),
+    "vq-restart": ("vqgan-f8-tiny", {"quantizer": {"restart_dead": True, "data_init": True}}, {}),
     "vq-factorized-l2": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "factorized": True, "l2_normalize": True,
                                                          "dim": 8}}, {}),
     "regvq": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "prior_kl": True, "stochastic_mask_ratio": 0.4}},
               {"tokenizer_loss.prior_kl": 1.0}),
+    "simvq": ("vqgan-f8-simvq-tiny", {}, {}),
+    "fsq": ("vqgan-f8-fsq-tiny", {}, {}),
+    "lfq": ("vqgan-f8-lfq-tiny", {}, {}),
     "mqvae-1.0": ("mq-vae-f8-tiny", {"keep_ratio": 1.0}, {}),
     "mqvae-0.5": ("mq-vae-f8-tiny", {"keep_ratio": 0.5}, {}),
     "mqvae-0.25": ("mq-vae-f8-tiny", {"keep_ratio": 0.25}, {}),
 }
 
 
-def _train(name: str, model: str, model_args: dict, sets: dict, args, data: str, val: str, adversarial: bool):
+def _train(name: str, model: str, model_args: dict, sets: dict, args, data: str, val: str, adversarial: bool,
+           seed: int):
     from pretrain.config import apply_overrides
     from pretrain.recipes import get_recipe
     from pretrain.trainer import Trainer
 
     cfg = get_recipe(model)
-    overrides = [f"run_dir={args.work}/{name}{'-adv' if adversarial else ''}", f"data.url={data}",
+    overrides = [f"run_dir={args.work}/{name}{'-adv' if adversarial else ''}-s{seed}", f"data.url={data}",
                  f"validation.url={val}", f"steps={args.steps}", f"global_batch_size={args.batch}",
                  f"optim.lr={args.lr}", f"optim.total_steps={args.steps}", f"optim.warmup_steps={args.steps // 10}",
                  "data.resolution=64", "validation.every=0", "validation.visuals_every=0",
-                 f"checkpoint.every={args.steps}", "log.every=50", "log.progress=false", f"seed={args.seed}",
+                 f"checkpoint.every={args.steps}", "log.every=50", "log.progress=false", f"seed={seed}",
                  "tokenizer_loss.perceptual=0.0", "tokenizer_loss.contrastive=0.0"]
-    margs = {**model_args, **({"resolution": 64} if model.startswith("vqgan") else {})}
+    margs = {**model_args, **({"resolution": 64} if model.startswith(("vqgan", "regvq")) else {})}
     overrides += [f"model_args.{k}={json.dumps(v)}" for k, v in margs.items()]
     overrides += [f"{k}={v}" for k, v in sets.items()]
     if adversarial:
@@ -110,7 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1", help="comma-separated training seeds (each variant runs once per seed)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--adversarial", action="store_true", help="also train each variant with the GAN term")
     ap.add_argument("--work", default="runs/claims", help="run directories and the demo data go here")
@@ -124,21 +135,37 @@ def main(argv=None) -> int:
     if not storage.exists(os.path.join(val, "manifest.json")):
         build_demo(data, holdout=val, progress=False)
     rows = []
+    seeds = [int(x) for x in args.seeds.split(",")]
     for name in args.variants.split(","):
         model, model_args, sets = VARIANTS[name]
         for adv in ([False, True] if args.adversarial else [False]):
-            run_dir, secs, res = _train(name, model, model_args, sets, args, data, val, adv)
-            row = {"variant": name, "adversarial": adv, "model": model, "train_s": round(secs, 1),
-                   "final_train_loss": res.metrics.get("loss"), **_evaluate(run_dir, val)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    print(f"\n{'variant':<18}{'adv':>4}{'tokens':>7}{'used':>7}{'usage':>7}{'perplex':>9}{'PSNR':>7}{'train s':>9}")
-    for r in rows:
-        print(f"{r['variant']:<18}{'yes' if r['adversarial'] else 'no':>4}{r['tokens_per_image']:>7}{r['codes_used']:>7}"
-              f"{r['usage']:>7.2f}{r['perplexity']:>9.1f}{r['psnr']:>7.2f}{r['train_s']:>9.1f}")
-    storage.write_json(args.out, {"args": vars(args), "rows": rows})
-    print(f"\nwrote {args.out}")
+            for seed in seeds:
+                run_dir, secs, res = _train(name, model, model_args, sets, args, data, val, adv, seed)
+                row = {"variant": name, "adversarial": adv, "seed": seed, "model": model, "train_s": round(secs, 1),
+                       "final_train_loss": res.metrics.get("loss"), **_evaluate(run_dir, val)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    summary = _summary(rows)
+    print(f"\n{'variant':<18}{'adv':>4}{'seeds':>6}{'tokens':>7}{'usage':>15}{'perplexity':>15}{'PSNR dB':>15}")
+    for r in summary:
+        print(f"{r['variant']:<18}{'yes' if r['adversarial'] else 'no':>4}{r['seeds']:>6}{r['tokens_per_image']:>7}"
+              + "".join(f"{r[k][0]:>9.3g}-{r[k][1]:<5.3g}" for k in ("usage", "perplexity", "psnr")))
+    write_json(args.out, {"args": vars(args), "rows": rows, "summary": summary})
     return 0
+
+
+def _summary(rows: list[dict]) -> list[dict]:
+    """One row per (variant, adversarial): the [min, max] over seeds of usage, perplexity and PSNR."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["variant"], r["adversarial"])
+        s = out.setdefault(key, {"variant": r["variant"], "adversarial": r["adversarial"], "seeds": 0,
+                                 "tokens_per_image": r["tokens_per_image"]})
+        s["seeds"] += 1
+        for k in ("usage", "perplexity", "psnr"):
+            lo, hi = s.get(k, (r[k], r[k]))
+            s[k] = (min(lo, r[k]), max(hi, r[k]))
+    return list(out.values())
 
 
 if __name__ == "__main__":

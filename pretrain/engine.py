@@ -431,22 +431,23 @@ _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _row_writes_after_step(engine) -> None:
-    """Wrap ``engine.step``: after each optimizer step (an accumulation boundary) the row writes
-    the model queued since the last one (:func:`model_zoo.interfaces.pop_row_writes`) are applied
-    by :func:`apply_row_writes`, so a dead-code restart survives ZeRO's master copy. Models without
-    row writes cost one walk over their modules per step."""
+    """Wrap ``engine.step``: after every call (each micro-batch; the optimizer steps at the
+    accumulation boundary) the row writes the model queued during that micro-batch
+    (:func:`model_zoo.interfaces.pop_row_writes`) are applied by :func:`apply_row_writes`, so a
+    dead-code restart survives ZeRO's master copy. Applying them per micro-batch, not only at the
+    boundary, lets the next micro-batch see the new rows at every stage alike: a module's in-place
+    write persists in ZeRO-1/2's full working copy but not in ZeRO-3's gathered one. Models
+    without row writes cost one walk over their modules per micro-batch."""
     from model_zoo.interfaces import pop_row_writes
 
     inner = engine.step
     engine.row_writes_applied = {}              # parameter name -> rows written since the EMA's update
 
     def step(*args, **kwargs):
-        boundary = engine.is_gradient_accumulation_boundary()
         out = inner(*args, **kwargs)
-        if boundary:
-            writes = pop_row_writes(engine.module)
-            if writes:
-                apply_row_writes(engine, writes)
+        writes = pop_row_writes(engine.module)
+        if writes:
+            apply_row_writes(engine, writes)
         return out
 
     engine.step = step
@@ -460,19 +461,21 @@ def _full_optimizer_state(engine, p, key: str, getter):
     torch optimizer has no state yet for the other parameter groups: parameters outside group 0
     (the codebook is in the no-weight-decay group) stay linked to nothing and the getter raises
     ``ValueError: exp_avg not found``. Linking again once state exists fixes that for good."""
-    try:
-        return getter(p, key)
-    except ValueError:
-        opt = engine.optimizer
-        if not hasattr(opt, "_hp_optimizer_states_linked") or not getattr(opt, "optimizer", None) or \
-                not opt.optimizer.state:
-            return None
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", None)
+    if inner is not None and not getattr(inner, "state", None):
+        return None                             # before the first optimizer step: no state yet
+    for attempt in (0, 1):
         try:
             return getter(p, key)
-        except ValueError:
-            return None                         # this optimizer keeps no such state (not Adam)
+        except KeyError:
+            return None                         # ZeRO-3: this optimizer keeps no such state (not Adam)
+        except (ValueError, TypeError):         # not linked ("not found", or no fragment dict at all)
+            if attempt or not hasattr(opt, "_hp_optimizer_states_linked"):
+                return None
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+    return None
 
 
 @torch.no_grad()

@@ -19,13 +19,19 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _ENV = {**os.environ, "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "DS_ACCELERATOR": "cpu"}
 _CMD = [sys.executable, "-m", "pretrain.cli", "demo", "--quick"]
+# The quick demo takes 1-2 minutes on 2 idle cores; a machine shared with another job can make it
+# several times slower. Limits far above that still end a real hang (pytest's own timeout counts the
+# module fixture in the first test that uses it).
+DEMO_TIMEOUT_S = 1800
+pytestmark = pytest.mark.timeout(DEMO_TIMEOUT_S + 1200)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The quick demo, run once for this module: (its working directory, the first run's output)."""
     cwd = tmp_path_factory.mktemp("demo")
-    first = subprocess.run(_CMD, cwd=cwd, env=_ENV, capture_output=True, text=True, timeout=900)
+    first = subprocess.run(_CMD, cwd=cwd, env=_ENV, capture_output=True, text=True,
+                           timeout=DEMO_TIMEOUT_S)
     assert first.returncode == 0, first.stderr[-5000:]
     return cwd, first
 
@@ -69,7 +75,7 @@ def test_demo_quick_end_to_end_and_resume(demo):
         assert (run / stage / "evals" / name).exists(), (stage, name)
     assert "[demo] offline metrics" in first.stdout
     # a second run resumes rather than redoes
-    second = subprocess.run(_CMD, cwd=tmp_path, env=_ENV, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(_CMD, cwd=tmp_path, env=_ENV, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
     assert second.returncode == 0, second.stderr[-5000:]
     assert second.stdout.count("not trained again") == 2
     again = json.loads((run / "demo_summary.json").read_text())

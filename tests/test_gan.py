@@ -78,7 +78,11 @@ def _engine_case(name: str, gstage: int, dstage: int) -> dict:
     gopt = dataclasses.replace(cfg.optim, warmup_steps=1, total_steps=10, grad_clip=0.0)
     lcfg = dataclasses.replace(cfg.tokenizer_loss, perceptual=0.0, contrastive=0.0)
     torch.manual_seed(0)
-    gen, disc = create_model(cfg.model), build_discriminator(dcfg)
+    # No codebook restarts here (data_init restarts every code at the first step): DeepSpeed's engine
+    # writes restarted rows into its master copy and zeroes their Adam moments after the step
+    # (pretrain/engine.py apply_row_writes), which this plain-torch reference does not model;
+    # restarts under ZeRO have their own test (tests/test_restarts_zero.py).
+    gen, disc = create_model(cfg.model, quantizer={"data_init": False}), build_discriminator(dcfg)
     gen_ds, disc_ds = copy.deepcopy(gen), copy.deepcopy(disc)
     gas = GLOBAL // (MICRO * world)
     size = gen.image_size

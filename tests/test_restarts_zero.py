@@ -8,8 +8,8 @@ restarts (``pop_row_writes``) and ``pretrain.engine.apply_row_writes`` writes th
 master copy, the working copy and the EMA, and zeroes their Adam moments.
 
 One 2-process torchrun job (gloo, ``DS_ACCELERATOR=cpu``) per run, at ZeRO-1, 2 and 3 with
-gradient accumulation 2: codes 0-3 are made dead before step 2 (their usage counters zeroed on
-both ranks); the rows the quantizer restarts them to must be in the consolidated weights after
+gradient accumulation 2: codes 0-3 are made dead before the second micro-batch of step 2 (their
+usage counters zeroed on both ranks), the one after which the optimizer steps; the rows the quantizer restarts them to must be in the consolidated weights after
 that optimizer step, stay within a few Adam updates of it after the next one, be identical on both
 ranks, start with zero moments, and be what the EMA holds.
 """
@@ -64,14 +64,15 @@ def _run(stage: int) -> dict:
     ema = pe.EMA(eng, decay=0.9)
     q, rank = eng.module.quantizer, dist.get_rank()
     rec: dict = {"ga": eng.gradient_accumulation_steps()}
+    last = eng.gradient_accumulation_steps() - 1
     for step in range(4):
-        if step == 2:
-            q.cluster_size[DEAD] = 0.0             # dead now, on both ranks (a buffer: not synced by DeepSpeed)
-            rec["before"] = pe.consolidated_state_dict(eng)["quantizer.embed"]
-        for m in range(eng.gradient_accumulation_steps()):
+        for m in range(last + 1):
+            if step == 2 and m == last:            # restarted in the micro-batch that steps the optimizer
+                q.cluster_size[DEAD] = 0.0         # dead now, on both ranks (a buffer: not synced by DeepSpeed)
+                rec["before"] = pe.consolidated_state_dict(eng)["quantizer.embed"]
             g = torch.Generator().manual_seed(100 * step + 10 * rank + m)
             loss, out = eng(torch.randn(MICRO * 8, 6, generator=g))
-            if step == 2 and m == 0:
+            if step == 2 and m == last:
                 rec["queued"] = (q._row_write.mask.clone(), q._row_write.values.detach().clone())
                 rec["stats"] = {k: float(v) for k, v in out.stats.items()}
             eng.backward(loss)
