@@ -66,9 +66,12 @@ def test_demo_quick_end_to_end_and_resume(demo):
     assert grid.size == (8 * 34 + 2, 20 * 34 + 2)
     # the offline metrics it ends with: the digits judge recognises the requested digit well above
     # chance (10%), the probe and pixel baseline ran, JSON and plots are written
+    # Floors well below the range measured over seeds (README: accuracy 0.50-0.53, usage 0.78-0.81,
+    # PSNR 18.9-19.3 dB) but far from what a collapsed tokenizer gave (accuracy 0.14, 4 of 64 codes,
+    # 15.5 dB on another machine): they catch collapse, not a machine's rounding.
     ev = summary["evals"]
-    assert ev["digits_class_accuracy"] > 0.2 and ev["digits_fid"] > 0, ev
-    assert ev["holdout_psnr"] > 15 and 0 < ev["codebook_usage"] <= 1 and ev["probe_pixel_baseline"] > 0.5, ev
+    assert ev["digits_class_accuracy"] > 0.3 and ev["digits_fid"] > 0, ev
+    assert ev["holdout_psnr"] > 17 and 0.5 < ev["codebook_usage"] <= 1 and ev["probe_pixel_baseline"] > 0.5, ev
     for stage, name in (("prior", "generation.json"), ("prior", "generation_grid.png"), ("prior", "linear_probe.json"),
                         ("prior", "linear_probe.png"), ("tokenizer", "reconstruction.json"), ("prior", "tb"),
                         ("tokenizer", "tb")):
