@@ -46,7 +46,7 @@ class DemoConfig:
     prior_steps: int = 1500
     quick_tokenizer_steps: int = 300   # --quick (CI): about 2 minutes
     # The prior is the quick demo's weak link: at 300 steps its samples were recognised as the digit
-    # asked for 24-44% of the time over seeds 0-2, at 600 steps 50-53% (README); its steps are cheap.
+    # asked for 24-44% of the time over seeds 0-2, at 600 steps 49-53% (README); its steps are cheap.
     quick_prior_steps: int = 600
     samples_per_class: int = 8
     guidance_scale: float = 2.0

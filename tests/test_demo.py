@@ -66,7 +66,7 @@ def test_demo_quick_end_to_end_and_resume(demo):
     assert grid.size == (8 * 34 + 2, 20 * 34 + 2)
     # the offline metrics it ends with: the digits judge recognises the requested digit well above
     # chance (10%), the probe and pixel baseline ran, JSON and plots are written
-    # Floors well below the range measured over seeds (README: accuracy 0.50-0.53, usage 0.78-0.81,
+    # Floors well below the range measured over seeds (README: accuracy 0.49-0.53, usage 0.78-0.81,
     # PSNR 18.9-19.3 dB) but far from what a collapsed tokenizer gave (accuracy 0.14, 4 of 64 codes,
     # 15.5 dB on another machine): they catch collapse, not a machine's rounding.
     ev = summary["evals"]
