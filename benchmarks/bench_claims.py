@@ -15,8 +15,11 @@ Variants (``--variants``, default all): on the CNN VQGAN f8 backbone at 64 px (8
 * ``vq-restart``: the same with dead-code restarts and ``data_init`` (what vqscale does by default;
   restarts reach DeepSpeed's master copy, pretrain/engine.py ``apply_row_writes``);
 * ``vq-factorized-l2``: ViT-VQGAN's factorized 8-d l2-normalized codes (no restart);
-* ``regvq``: Regularized VQ (prior KL, 40% stochastic mask; the probabilistic contrastive term
-  needs pretrained VGG weights, not available offline: left out);
+* ``regvq``: Regularized VQ (prior KL at weight 0.03, 40% stochastic mask, ``p(k | z)`` at
+  temperature 0.1 in codebook-spread units: the regvq-f16 preset's settings; the probabilistic
+  contrastive term needs pretrained VGG-19 weights, not available offline: left out);
+* ``gumbel``: Gumbel-softmax quantization alone (relaxed one-hot, annealed temperature), the
+  comparison the Reg-VQ paper draws;
 * ``simvq``, ``fsq``, ``lfq``: the codebooks that reach full use (presets vqgan-f8-simvq-tiny,
   vqgan-f8-fsq-tiny with levels (4, 4, 4), vqgan-f8-lfq-tiny with 6 bits; 64 codes each);
 
@@ -49,8 +52,12 @@ VARIANTS = {
     "vq-restart": ("vqgan-f8-tiny", {"quantizer": {"restart_dead": True, "data_init": True}}, {}),
     "vq-factorized-l2": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "factorized": True, "l2_normalize": True,
                                                          "dim": 8}}, {}),
-    "regvq": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "prior_kl": True, "stochastic_mask_ratio": 0.4}},
-              {"tokenizer_loss.prior_kl": 1.0}),
+    # the regvq-f16 preset's quantizer settings and the regvq loss preset's KL weight, on the f8 backbone
+    "regvq": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "prior_kl": True, "stochastic_mask_ratio": 0.4,
+                                              "prior_temperature": 0.1}},
+              {"tokenizer_loss.prior_kl": 0.03}),
+    # Gumbel-only quantization (DALL-E's relaxed one-hot, annealed temperature): Reg-VQ's comparison
+    "gumbel": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "kind": "gumbel"}}, {}),
     "simvq": ("vqgan-f8-simvq-tiny", {}, {}),
     "fsq": ("vqgan-f8-fsq-tiny", {}, {}),
     "lfq": ("vqgan-f8-lfq-tiny", {}, {}),
@@ -74,6 +81,8 @@ def _train(name: str, model: str, model_args: dict, sets: dict, args, data: str,
                  f"checkpoint.every={args.steps}", "log.every=50", "log.progress=false", f"seed={seed}",
                  "tokenizer_loss.perceptual=0.0", "tokenizer_loss.contrastive=0.0"]
     margs = {**model_args, **({"resolution": 64} if model.startswith(("vqgan", "regvq")) else {})}
+    if margs.get("quantizer", {}).get("kind") == "gumbel":   # anneal the temperature within the budget
+        margs["quantizer"] = {**margs["quantizer"], "tau_anneal_steps": args.steps}
     overrides += [f"model_args.{k}={json.dumps(v)}" for k, v in margs.items()]
     overrides += [f"{k}={v}" for k, v in sets.items()]
     if adversarial:

@@ -58,8 +58,11 @@ class QuantizerOutput:
     quantizer's own training term (codebook + beta * commitment; commitment only with EMA
     updates). ``losses`` names every term that went into it and the optional regularizers
     (``prior_kl`` for Regularized VQ), already unweighted unless the name says so. ``distances``
-    is ``||z - z_q||^2`` per position in the lookup space (``[...]``, detached), used to weight
-    the probabilistic contrastive loss. ``stats`` are detached scalars for logging: ``usage``
+    is ``||z - z_q||^2`` per position in the lookup space (``[...]``, detached).
+    ``sample_distances`` (Regularized VQ only, else None) is ``||z_s - z_q||^2`` per position
+    between the code the position took (sampled by the stochastic mask) and its best-matching
+    code, 0 where the argmax was taken (``[...]``, detached): the weight of the probabilistic
+    contrastive loss (model_zoo/losses.py). ``stats`` are detached scalars for logging: ``usage``
     (fraction of the codebook used in the batch), ``perplexity``, ``dead_codes``.
     """
 
@@ -69,6 +72,7 @@ class QuantizerOutput:
     distances: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    sample_distances: torch.Tensor | None = None
 
 
 @dataclass

@@ -5,18 +5,19 @@
   with Improved VQGAN", sec. 3.3) next to an L2 term.
 - LPIPS perceptual distance: Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features
   as a Perceptual Metric" (VGG16 trunk of Simonyan & Zisserman 2015 + learned linear heads).
-- Probabilistic contrastive loss: Zhang et al. CVPR 2023, "Regularized Vector Quantization for
-  Tokenized Image Synthesis": PatchNCE (Park et al. 2020, "Contrastive Learning for Unpaired
-  Image-to-Image Translation", CUT) on perceptual features, positives weighted by the
-  quantization distance ``||z - z_q||^2``.
+- Probabilistic contrastive loss (PCL): Zhang et al. CVPR 2023, "Regularized Vector Quantization
+  for Tokenized Image Synthesis" (arXiv:2303.06424), eq. (3): PatchNCE (Park et al. 2020,
+  "Contrastive Learning for Unpaired Image-to-Image Translation", CUT) on frozen VGG-19 features
+  (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3), the positive weighted inside the log by the
+  normalized distance between the sampled and the best-matching code, negatives scaled by 1/L.
 - Adversarial losses: hinge (Lim & Ye 2017; Miyato et al. 2018) and non-saturating (Goodfellow et
   al. 2014), the adaptive weight of taming-transformers (Esser et al. 2021, "Taming Transformers
   for High-Resolution Image Synthesis", eq. 7) and the R1 penalty (Mescheder et al. 2018) that
   StyleGAN2 (Karras et al. 2020) pairs with its discriminator.
 
-Images are ``[B, 3, H, W]`` in ``[-1, 1]`` (DESIGN.md). Pretrained LPIPS weights only exist online,
-so they are loaded from a path/URL or the cache (``VQSCALE_CACHE``); ``pretrained=False`` builds the
-same network with random weights (tests).
+Images are ``[B, 3, H, W]`` in ``[-1, 1]`` (DESIGN.md). Pretrained LPIPS and VGG-19 weights only
+exist online, so they are loaded from a path/URL or the cache (``VQSCALE_CACHE``, torch hub's);
+``pretrained=False`` builds the same network with random weights (tests).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from .weights import load_state_dict_file
 __all__ = [
     "logit_laplace_log_prob", "logit_laplace_nll", "split_logit_laplace", "logit_laplace_mean",
     "l1_loss", "l2_loss", "LPIPS", "LPIPSWeightsNotFound", "lpips_weight_candidates",
-    "convert_lpips_weights", "ProbabilisticContrastiveLoss", "d_loss", "g_loss", "adaptive_weight",
+    "convert_lpips_weights", "VGG19Features", "VGGWeightsNotFound", "vgg19_weight_candidates",
+    "ProbabilisticContrastiveLoss", "pcl_weights", "d_loss", "g_loss", "adaptive_weight",
     "r1_penalty", "LossWeights",
 ]
 
@@ -143,15 +145,20 @@ def _cache_dir() -> str:
     return os.environ.get("VQSCALE_CACHE") or os.path.expanduser("~/.cache/vqscale")
 
 
+def _torch_hub_checkpoints() -> str:
+    """Where ``torchvision.models.*(weights=...)`` puts its downloads."""
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
+    return os.path.join(torch_home, "hub", "checkpoints")
+
+
 def lpips_weight_candidates() -> dict[str, list[str]]:
     """Where :class:`LPIPS` looks, in order: a complete file (ours, or lpips/taming's full
     state dict) under ``$VQSCALE_CACHE/weights``; else a torchvision VGG16 checkpoint (there, or
     torch hub's cache, where ``torchvision.models.vgg16(weights=...)`` puts it) plus the LPIPS
     linear heads (``vgg.pth`` of the ``lpips`` package, v0.1)."""
     wdir = storage.join(_cache_dir(), "weights")
-    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
-    hub = os.path.join(torch_home, "hub", "checkpoints")
+    hub = _torch_hub_checkpoints()
     return {
         "full": [storage.join(wdir, f) for f in FULL_WEIGHT_FILES],
         "vgg": [storage.join(wdir, f) for f in VGG_WEIGHT_FILES] + [os.path.join(hub, "vgg16-397923af.pth")],
@@ -175,29 +182,57 @@ def _canonical_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-class _VGG16Features(nn.Module):
-    """torchvision's ``vgg16().features`` up to relu5_3, same module indices (so its state dict
-    keys ``features.N.*`` load unchanged), built here so that model_zoo needs no torchvision."""
+class _VGGFeatures(nn.Module):
+    """torchvision's ``vgg16().features`` / ``vgg19().features`` (``cfg``) up to the last tap, same
+    module indices (so their state dict keys ``features.N.*`` load unchanged), built here so that
+    model_zoo needs no torchvision. ``forward`` returns the activations after the ``taps``."""
 
-    def __init__(self):
+    def __init__(self, cfg: tuple = _VGG16_CFG, taps: tuple[int, ...] = _VGG16_TAPS):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
-        for v in _VGG16_CFG:
+        for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
                 layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU()]
                 c_in = v
         self.features = nn.Sequential(*layers)
+        self.taps = taps
 
     def forward(self, x: Tensor) -> list[Tensor]:
         feats = []
         for i, layer in enumerate(self.features):
             x = layer(x)
-            if i in _VGG16_TAPS:
+            if i in self.taps:
                 feats.append(x)
         return feats
+
+    @torch.no_grad()
+    def random_init(self) -> None:
+        # torchvision's VGG init
+        for m in self.features:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+
+def _load_checked(module: nn.Module, sd: dict[str, Tensor], source: str, what: str) -> None:
+    """``module.load_state_dict`` from canonical keys after naming what is missing or misshapen
+    (extra keys, e.g. a classifier, are ignored)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise ValueError(f"{what} weights from {source} lack {len(missing)} tensors, e.g. {missing[:3]}")
+    for k, t in own.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise ValueError(f"{what} weights from {source}: {k} has shape {tuple(sd[k].shape)}, "
+                             f"expected {tuple(t.shape)}")
+    module.load_state_dict({k: sd[k] for k in own}, strict=True)
+
+
+def _first_existing(urls: list[str]) -> str | None:
+    return next((u for u in urls if storage.exists(u)), None)
 
 
 class _NetLin(nn.Module):
@@ -227,7 +262,7 @@ class LPIPS(nn.Module):
         super().__init__()
         self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
-        self.net = _VGG16Features()
+        self.net = _VGGFeatures()
         for i, c in enumerate(_VGG16_CHANNELS):
             self.add_module(f"lin{i}", _NetLin(c))
         self._random_init()
@@ -243,12 +278,8 @@ class LPIPS(nn.Module):
 
     @torch.no_grad()
     def _random_init(self) -> None:
-        # torchvision's VGG init; heads non-negative as LPIPS constrains them (a distance).
-        for m in self.net.features:
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-        for lin in self.lins:
+        self.net.random_init()
+        for lin in self.lins:   # non-negative, as LPIPS constrains its heads (a distance)
             w = lin.model[1].weight
             nn.init.uniform_(w, 0.0, 2.0 / w.shape[1])
 
@@ -271,14 +302,10 @@ class LPIPS(nn.Module):
 
     def _from_cache(self) -> tuple[dict[str, Tensor], str]:
         cand = lpips_weight_candidates()
-
-        def first(urls: list[str]) -> str | None:
-            return next((u for u in urls if storage.exists(u)), None)
-
-        full = first(cand["full"])
+        full = _first_existing(cand["full"])
         if full is not None:
             return _canonical_keys(load_state_dict_file(full)), full
-        vgg, lin = first(cand["vgg"]), first(cand["lin"])
+        vgg, lin = _first_existing(cand["vgg"]), _first_existing(cand["lin"])
         if vgg is not None and lin is not None:
             sd = {**_canonical_keys(load_state_dict_file(vgg)), **_canonical_keys(load_state_dict_file(lin))}
             return sd, f"{vgg} + {lin}"
@@ -292,17 +319,10 @@ class LPIPS(nn.Module):
 
     @torch.no_grad()
     def _load_canonical(self, sd: dict[str, Tensor], source: str) -> None:
-        own = self.state_dict()
-        missing = sorted(set(own) - set(sd))
-        if missing:
-            raise ValueError(f"LPIPS weights from {source} lack {len(missing)} tensors, e.g. {missing[:3]}")
-        for k, t in own.items():
-            if tuple(sd[k].shape) != tuple(t.shape):
-                raise ValueError(f"LPIPS weights from {source}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(t.shape)}")
-        for lin in (k for k in own if k.startswith("lin")):
-            if (sd[lin] < 0).any():
+        for lin in (k for k in self.state_dict() if k.startswith("lin")):
+            if lin in sd and (sd[lin] < 0).any():
                 raise ValueError(f"LPIPS weights from {source}: head {lin} has negative weights (not an LPIPS head)")
-        self.load_state_dict({k: sd[k] for k in own}, strict=True)
+        _load_checked(self, sd, source, "LPIPS")
         self.source = source
 
     def features(self, x: Tensor) -> list[Tensor]:
@@ -337,8 +357,72 @@ def convert_lpips_weights(vgg_weights: str, lin_weights: str, out: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Probabilistic contrastive loss (Regularized VQ) = distance-weighted PatchNCE (CUT)
+# VGG-19 features and the probabilistic contrastive loss (Regularized VQ, eq. 3)
 # --------------------------------------------------------------------------------------------
+
+# torchvision's VGG-19 (cfg "E") up to relu5_3. Regularized VQ (sec. 3.3) takes relu1_2, relu2_2,
+# relu3_3, relu4_3 and relu5_3 of a pretrained VGG-19: at VGG-19's own indices (its blocks 3-5
+# have four convs, so these are not VGG16's indices).
+_VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512)
+_VGG19_TAPS = (3, 8, 15, 24, 33)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)   # torchvision's input normalization for its VGG weights
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+VGG19_WEIGHT_FILES = ("vgg19.safetensors", "vgg19-dcbb9e9d.pth", "vgg19.pth")
+
+
+class VGGWeightsNotFound(FileNotFoundError):
+    """No pretrained VGG-19 weights at the given path or in the caches."""
+
+
+def vgg19_weight_candidates() -> list[str]:
+    """Where :class:`VGG19Features` looks, in order: ``$VQSCALE_CACHE/weights/`` (a safetensors
+    file or torchvision's checkpoint), then torch hub's cache, where
+    ``torchvision.models.vgg19(weights="IMAGENET1K_V1")`` puts ``vgg19-dcbb9e9d.pth``."""
+    wdir = storage.join(_cache_dir(), "weights")
+    return [storage.join(wdir, f) for f in VGG19_WEIGHT_FILES] + [
+        os.path.join(_torch_hub_checkpoints(), "vgg19-dcbb9e9d.pth")]
+
+
+class VGG19Features(nn.Module):
+    """Frozen ImageNet VGG-19 features of images in [-1, 1]: ``forward(x) -> [relu1_2, relu2_2,
+    relu3_3, relu4_3, relu5_3]`` (what the probabilistic contrastive loss compares).
+
+    Weights: ``weights`` (a torchvision ``vgg19`` state dict, or ours, any storage URL), else the
+    caches (:func:`vgg19_weight_candidates`); none found raises :class:`VGGWeightsNotFound` unless
+    ``pretrained=False`` (random weights of the same architecture; tests). No parameter requires
+    grad and the module stays in eval mode, but it is differentiable w.r.t. its input."""
+
+    def __init__(self, pretrained: bool = True, weights: str | None = None):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.net = _VGGFeatures(_VGG19_CFG, _VGG19_TAPS)
+        self.net.random_init()
+        self.source = "random"
+        if pretrained or weights is not None:
+            self.load_weights(weights)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "VGG19Features":
+        return super().train(False)
+
+    @torch.no_grad()
+    def load_weights(self, weights: str | None = None) -> None:
+        src = weights if weights is not None else _first_existing(vgg19_weight_candidates())
+        if src is None:
+            raise VGGWeightsNotFound(
+                "pretrained VGG-19 weights (the probabilistic contrastive loss's features) not found; this "
+                f"machine cannot download them. Put torchvision's vgg19-dcbb9e9d.pth at one of "
+                f"{vgg19_weight_candidates()}, pass VGG19Features(weights=PATH), set VQSCALE_CACHE, or use "
+                "pretrained=False for random weights.")
+        _load_checked(self, _canonical_keys(load_state_dict_file(src)), src, "VGG-19")
+        self.source = src
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        w = self.net.features[0].weight
+        return self.net((((x + 1) * 0.5 - self.mean) / self.std).to(w.dtype))
+
 
 def _resize_map(d: Tensor, size: tuple[int, int]) -> Tensor:
     """Resample a ``[B, h, w]`` distance map to a feature map's ``(H, W)``. Upsampling repeats a
@@ -350,19 +434,34 @@ def _resize_map(d: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(d[:, None], size=size, mode="nearest-exact" if up else "area")[:, 0]
 
 
-class ProbabilisticContrastiveLoss(nn.Module):
-    """PatchNCE (Park et al. 2020) with positives weighted by the quantization distance, the
-    probabilistic contrastive loss of Regularized VQ (Zhang et al. CVPR 2023).
+def pcl_weights(w: Tensor) -> Tensor:
+    """eq. (3)'s ``w'``: ``w [B, L]`` normalized to sum 1 over each image's L positions; an image
+    whose weights are all 0 (no sampled code differs from its best match, or an eval forward) gets
+    uniform ``1/L``, which makes eq. (3) the sum of CUT's PatchNCE terms."""
+    total = w.sum(1, keepdim=True)
+    return torch.where(total > 0, w / total.clamp_min(1e-30), torch.full_like(w, 1.0 / w.shape[1]))
 
-    Per feature layer, ``num_patches`` positions are sampled (the same for the whole batch, as in
-    CUT). The reconstruction's feature at a position is the query; the input's feature at the same
-    position is the positive, the input's features at the other sampled positions of the same
-    image are negatives; InfoNCE with temperature ``tau`` on l2-normalized features. Position i's
-    term is weighted by ``w_i = d_i / mean_j d_j`` over the sampled positions of that image, with
-    ``d`` the distance map resampled to the layer's resolution: weights have **mean 1**, so with
-    equal distances this is plain PatchNCE and the loss scale does not depend on ``num_patches``;
-    positions with zero distance contribute nothing (an image with all-zero distances gives 0).
-    The input's features are targets (detached). Returns the mean over positions, images and layers.
+
+class ProbabilisticContrastiveLoss(nn.Module):
+    """Regularized VQ's probabilistic contrastive loss, eq. (3) of Zhang et al. (CVPR 2023)::
+
+        L_pcl = -sum_{i=1..L} log  w'_i e^{y_i.z_i/tau} / (w'_i e^{y_i.z_i/tau} + 1/L sum_{j!=i} e^{y_i.z_j/tau})
+
+    per image and feature layer: ``y`` the input image's features (the anchors; targets, no
+    gradient), ``z`` the reconstruction's, both l2-normalized over channels, at ``L = num_patches``
+    positions drawn per layer (the same for the whole batch, as in CUT; all positions if fewer);
+    ``w_i = ||z_s - z_q||^2`` at position i (the distance between the sampled and the best-matching
+    code; ``distances``, on the token grid, resampled to the layer's resolution) and ``w'`` those
+    weights normalized over the L positions (:func:`pcl_weights`). Inside the log the weight scales
+    the positive: the more a sampled code perturbs its region, the weaker the pull there (elastic
+    reconstruction); the 1/L keeps the negatives at the scale of one positive (the paper's reason
+    for it). Returns eq. (3) (a sum over the L positions, as written) averaged over images and
+    layers; a layer with a single position has no negatives and adds 0.
+
+    ``w'_i = 0`` (positions quantized by argmax, or a sample that drew its best match) makes the
+    term infinite through its constant ``-log w'_i``, which carries no gradient; the term is then
+    its finite part ``-y_i.z_i/tau + log(1/L sum_{j!=i} e^{y_i.z_j/tau})``, whose gradient is the
+    limit of eq. (3)'s as ``w'_i -> 0`` (a full pull).
 
     ``distances``: ``[B, h, w]``, or ``[B, N]`` with a square token grid.
     """
@@ -386,15 +485,19 @@ class ProbabilisticContrastiveLoss(nn.Module):
         for fr, fi in zip(feats_recon, feats_input):
             B, C, H, W = fr.shape
             P = min(self.num_patches, H * W)
+            if P < 2:
+                continue
             idx = torch.randperm(H * W, generator=generator, device="cpu")[:P].to(fr.device)
-            q = F.normalize(fr.flatten(2)[:, :, idx].float(), dim=1).transpose(1, 2)            # [B, P, C]
-            k = F.normalize(fi.detach().flatten(2)[:, :, idx].float(), dim=1).transpose(1, 2)   # [B, P, C]
-            logits = q @ k.transpose(1, 2) / self.tau                                            # [B, P, P]
-            target = torch.arange(P, device=fr.device).repeat(B)
-            nce = F.cross_entropy(logits.flatten(0, 1), target, reduction="none").view(B, P)
-            w = _resize_map(d.to(fr.device), (H, W)).flatten(1)[:, idx]                           # [B, P]
-            w = w / w.mean(dim=1, keepdim=True).clamp_min(1e-12)
-            total = total + (w * nce).mean()
+            z = F.normalize(fr.flatten(2)[:, :, idx].float(), dim=1).transpose(1, 2)            # [B, L, C]
+            y = F.normalize(fi.detach().flatten(2)[:, :, idx].float(), dim=1).transpose(1, 2)   # [B, L, C]
+            s = y @ z.transpose(1, 2) / self.tau                     # [B, L anchors i, L candidates j]
+            pos = s.diagonal(dim1=1, dim2=2)
+            eye = torch.eye(P, dtype=torch.bool, device=s.device)
+            log_neg = torch.logsumexp(s.masked_fill(eye, float("-inf")), dim=2) - math.log(P)
+            w = pcl_weights(_resize_map(d.to(fr.device), (H, W)).flatten(1)[:, idx])
+            # -log(w e^a / (w e^a + n)) = softplus(log n - log w - a), stable for any magnitudes
+            term = torch.where(w > 0, F.softplus(log_neg - pos - torch.log(w.clamp_min(1e-30))), log_neg - pos)
+            total = total + term.sum(1).mean()
         return total / len(feats_recon)
 
 

@@ -73,7 +73,7 @@ class QuantizerBase(nn.Module):
     """``forward(z[..., in_dim]) -> QuantizerOutput``; ``lookup(codes) -> [..., in_dim]``.
 
     Subclasses implement ``_quantize(ze [P, dim] fp32) -> (z_q [P, dim], codes [P], loss,
-    distances [P], losses, stats)`` and ``_vectors(codes) -> [..., dim]`` (the lookup-space code
+    distances [P], losses, stats[, sample_distances [P]])`` (the last: Regularized VQ) and ``_vectors(codes) -> [..., dim]`` (the lookup-space code
     vectors, fp32). Buffers: ``cluster_size`` (EMA of the per-code assignment counts, the usage
     counter behind ``dead_codes``), ``steps`` (training forwards seen)."""
 
@@ -148,10 +148,11 @@ class QuantizerBase(nn.Module):
         # index above 256 (lucidrains/vector-quantize-pytorch#114: FSQ lost half its codes) or
         # accumulate EMAs.
         with no_autocast(z.device):
-            zq, codes, loss, dist_, losses, stats = self._quantize(ze.float())
+            zq, codes, loss, dist_, losses, stats, *sampled = self._quantize(ze.float())
         z_q = self._project_out(zq).to(z.dtype).reshape(z.shape)
         return QuantizerOutput(z_q=z_q, codes=codes.reshape(lead), loss=loss,
-                               distances=dist_.reshape(lead), losses=losses, stats=stats)
+                               distances=dist_.reshape(lead), losses=losses, stats=stats,
+                               sample_distances=sampled[0].reshape(lead) if sampled else None)
 
     def _quantize(self, ze: Tensor):
         raise NotImplementedError

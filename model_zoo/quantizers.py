@@ -21,10 +21,9 @@ all-reduce) is in model_zoo/quantizer_base.py.
   Gumbel-Softmax"; Ramesh et al., 2021, DALL-E's dVAE): codes sampled with a relaxed one-hot at an
   annealed temperature, an optional KL to the uniform prior.
 - Regularized VQ (Zhang et al., CVPR 2023, "Regularized Vector Quantization for Tokenized Image
-  Synthesis"): prior distribution regularization, ``KL(p || uniform) = sum_n p_n log(N p_n)`` of
-  the batch-averaged soft assignment ``p``, and stochastic mask regularization, a random fraction
-  of positions quantized by Gumbel sampling (Gumbel-softmax relaxation backward) and the rest by
-  argmax (softmax relaxation backward).
+  Synthesis", arXiv:2303.06424), ``prior_kl`` / ``stochastic_mask_ratio`` (vq kind):
+  model_zoo/regularized_vq.py, called from ``_quantize``: the prior KL of the codes actually used,
+  40% of the positions sampled, VQ losses against the best-matching code only.
 - SimVQ (Zhu et al. 2024, "Addressing Representation Collapse in Vector Quantized Models with One
   Linear Layer", arXiv:2411.02038), ``simvq=True``: the codebook is ``C W^T``, ``C`` a frozen
   random ``[K, dim]`` buffer (N(0, 1/dim), from a fixed seed so every rank has the same) and ``W``
@@ -47,8 +46,8 @@ runtime that owns the optimizer writes them there too and resets their Adam mome
 training mode (where all ranks step in lockstep); eval forwards are local, so a single rank can
 encode or decode on its own. Everything also runs without a process group.
 
-The assignment distribution is ``p(k|z) = softmax(-||z_e - e_k||^2 / prior_temperature)`` in the
-lookup space; it gives the Gumbel logits, Regularized VQ's sampling distribution and its prior KL.
+The Gumbel kind's assignment distribution is ``p(k|z) = softmax(-||z_e - e_k||^2 /
+prior_temperature)`` in the lookup space (Regularized VQ's: model_zoo/regularized_vq.py).
 """
 
 from __future__ import annotations
@@ -65,10 +64,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .interfaces import RowWrite
-from .quantizer_base import AllReduceSum as _AllReduceSum
 from .quantizer_base import QuantizerBase, no_autocast
 from .quantizer_base import histogram as _histogram
 from .quantizer_base import world_size as _world_size
+from .regularized_vq import prior_kl, regularized_quantize, usage_kl
 from .scalar_quantizers import FSQuantizer, LFQuantizer
 
 __all__ = ["QuantizerConfig", "VectorQuantizer", "build_quantizer", "prior_kl", "rotate_to"]
@@ -103,22 +102,15 @@ class QuantizerConfig:
     tau_anneal_steps: int = 150_000
     kl_weight_gumbel: float = 0.0  # optional DALL-E KL to uniform for the gumbel kind (returned in losses)
     stochastic_mask_ratio: float = 0.0   # Regularized VQ: fraction of positions quantized by Gumbel sampling (0.4 in the paper)
-    prior_kl: bool = False               # Regularized VQ: compute the prior-distribution KL term
-    prior_temperature: float = 1.0       # softmax temperature of the soft assignments used for the KL
+    prior_kl: bool = False               # Regularized VQ: compute the prior-distribution KL term (eq. 1)
+    # Regularized VQ: p(k|z) = softmax(-||z_e - e_k||^2 / (prior_temperature * codebook spread)),
+    # its sampling distribution (model_zoo/regularized_vq.py); the gumbel kind's logits are
+    # -||z_e - e_k||^2 / prior_temperature
+    prior_temperature: float = 1.0
 
     def __post_init__(self):
         # JSON and --set overrides give lists; a frozen config must stay hashable and compare equal
         object.__setattr__(self, "fsq_levels", tuple(int(v) for v in self.fsq_levels))
-
-
-def prior_kl(avg_probs: Tensor) -> Tensor:
-    """Regularized VQ's prior distribution term: ``KL(p || U) = sum_n p_n log(N p_n)`` over the
-    last dimension (N codes). 0 when every code is equally likely, ``log N`` at total collapse."""
-    p = avg_probs.float()
-    n = p.shape[-1]
-    # log(N p) rather than log p + log N: (1/N) * N rounds to exactly 1, so uniform gives exactly 0;
-    # the clamp keeps 0 * log 0 = 0 with a finite gradient.
-    return (p * torch.log((p * n).clamp_min(1e-30))).sum(-1)
 
 
 def rotate_to(z: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
@@ -239,7 +231,12 @@ class VectorQuantizer(QuantizerBase):
         if cfg.l2_normalize:
             ze = F.normalize(ze, dim=-1)
         E = self.codebook()
-        relax = train and (cfg.kind == "gumbel" or cfg.stochastic_mask_ratio > 0)
+        if cfg.kind == "vq" and (cfg.prior_kl or cfg.stochastic_mask_ratio > 0):
+            zq, codes, loss, losses, sample_distances = regularized_quantize(ze, E, cfg, self.tau, train)
+            distances = (ze.detach() - E.detach().index_select(0, codes)).pow(2).sum(-1)
+            stats = self._statistics(codes, ze.detach()) if train else self._stats(_histogram(codes, k))
+            return zq, codes, loss, distances, losses, stats, sample_distances
+        relax = train and cfg.kind == "gumbel"
         need_logits = relax or cfg.prior_kl or (cfg.kind == "gumbel" and cfg.kl_weight_gumbel > 0)
         # The full [P, K] distance matrix carries gradient only when a soft assignment is used.
         with torch.set_grad_enabled(torch.is_grad_enabled() and need_logits):
@@ -255,19 +252,6 @@ class VectorQuantizer(QuantizerBase):
             y = F.gumbel_softmax(logits, tau=self.tau, hard=True)
             codes = y.detach().argmax(-1)
             zq = y @ E
-        elif relax:
-            # Regularized VQ stochastic mask: exactly round(ratio * P) random positions take a code
-            # SAMPLED from p(k|z) (Gumbel-max), the rest the argmax. Forward value is the hard code;
-            # backward goes through the relaxation: Gumbel-softmax(tau) rows at sampled positions,
-            # the plain softmax at argmax positions: z_q = hard + soft - sg(soft), soft = probs @ E.
-            n = ze.shape[0]
-            picked = torch.randperm(n, device=ze.device)[: int(round(cfg.stochastic_mask_ratio * n))]
-            g = -torch.empty(picked.numel(), k, device=ze.device).exponential_().log()   # Gumbel(0,1)
-            noisy = logits.index_select(0, picked) + g
-            codes = nearest.index_copy(0, picked, noisy.detach().argmax(-1))
-            soft_p = probs.index_copy(0, picked, (noisy / self.tau).softmax(-1))
-            soft = soft_p @ E
-            zq = E.detach().index_select(0, codes) + (soft - soft.detach())
         else:
             codes = nearest
             e = E.index_select(0, codes)
@@ -290,16 +274,9 @@ class VectorQuantizer(QuantizerBase):
             if cfg.kl_weight_gumbel > 0:    # DALL-E: KL(q(k|z) || uniform), mean over positions
                 losses["gumbel_kl"] = prior_kl(probs).mean()
                 loss = loss + cfg.kl_weight_gumbel * losses["gumbel_kl"]
-        if cfg.prior_kl:
-            # p_n: soft assignments averaged over every position of the global batch. The
-            # autograd all-reduce sums the backward too, so after the data-parallel gradient mean
-            # each rank's gradient is the global objective's.
-            tot = probs.sum(0)
-            cnt = torch.tensor(float(probs.shape[0]), device=ze.device)
-            if train and _world_size() > 1:
-                tot = _AllReduceSum.apply(tot)
-                dist.all_reduce(cnt)
-            losses["prior_kl"] = prior_kl(tot / cnt)
+        if cfg.prior_kl:   # the gumbel kind: eq. (1) on its straight-through one-hots, global batch
+            hard = y if relax else F.one_hot(codes, k).to(probs.dtype) + probs - probs.detach()
+            losses["prior_kl"] = usage_kl(hard, global_batch=train)
         distances = (ze.detach() - e_sel.detach()).pow(2).sum(-1)
         stats = self._statistics(codes, ze.detach()) if train else self._stats(
             _histogram(codes, k))

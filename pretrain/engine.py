@@ -437,7 +437,14 @@ def _row_writes_after_step(engine) -> None:
     dead-code restart survives ZeRO's master copy. Applying them per micro-batch, not only at the
     boundary, lets the next micro-batch see the new rows at every stage alike: a module's in-place
     write persists in ZeRO-1/2's full working copy but not in ZeRO-3's gathered one. Models
-    without row writes cost one walk over their modules per micro-batch."""
+    without row writes cost one walk over their modules per micro-batch.
+
+    Writes whose mask is all False (a restart check that found no dead code: most steps) are
+    dropped here, at the cost of one host read of the masks after the backward (a deliberate sync,
+    listed in tests/test_host_sync.py): applying them would all-reduce the full codebook three
+    times per micro-batch (master copy and two Adam moments, 24 MiB for vqgan-f8's 8192 x 256
+    codes) to write nothing. The host waits for the backward it just queued; at an accumulation
+    boundary DeepSpeed's own overflow check has waited for it already."""
     from model_zoo.interfaces import pop_row_writes
 
     inner = engine.step
@@ -446,6 +453,10 @@ def _row_writes_after_step(engine) -> None:
     def step(*args, **kwargs):
         out = inner(*args, **kwargs)
         writes = pop_row_writes(engine.module)
+        if writes:
+            # every rank holds the same masks (decided on rank 0, broadcast): the same decision
+            live = torch.stack([w.mask.any() for w in writes]).tolist()
+            writes = [w for w, on in zip(writes, live) if on]
         if writes:
             apply_row_writes(engine, writes)
         return out
@@ -489,11 +500,13 @@ def apply_row_writes(engine, writes) -> None:
     bf16 optimizer); the working copy is the full parameter at ZeRO-1/2 (written in place) and a
     partition at ZeRO-3 (written through ``GatheredParameters`` with a modifier rank). At stage 0
     the parameter is the master copy and the torch optimizer's per-parameter state holds the
-    moments. No host synchronisation: a mask that is all False writes the old values back."""
+    moments. A mask that is all False writes the old values back (the caller drops such writes)."""
     from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                                  safe_set_full_fp32_param, safe_set_full_optimizer_state)
 
-    names = {id(p): n for n, p in engine.module.named_parameters()}
+    names = getattr(engine, "_vqscale_param_names", None)
+    if names is None:                           # built once: the module's parameters do not change
+        names = engine._vqscale_param_names = {id(p): n for n, p in engine.module.named_parameters()}
     for w in writes:
         p = w.param
         rows = w.mask.reshape(-1, *([1] * (w.values.dim() - 1)))

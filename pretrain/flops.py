@@ -96,12 +96,17 @@ def step_flops_per_sample(cfg, derived: dict[str, Any] | None = None) -> dict[st
         res = int(getattr(model, "image_size", 0) or cfg.data.resolution)
         x = torch.zeros(1, 3, res, res, device="meta")
         loss_cfg = cfg.tokenizer_loss
-        lpips = None
-        if loss_cfg.perceptual > 0 or loss_cfg.contrastive > 0:
+        lpips = vgg19 = None
+        if loss_cfg.perceptual > 0:
             from model_zoo.losses import LPIPS
 
             with torch.device("meta"):
                 lpips = LPIPS(pretrained=False)
+        if loss_cfg.contrastive > 0:   # Regularized VQ's contrastive loss: its own VGG-19 pass
+            from model_zoo.losses import VGG19Features
+
+            with torch.device("meta"):
+                vgg19 = VGG19Features(pretrained=False)
         disc = None
         if cfg.discriminator.model and loss_cfg.adversarial > 0:
             disc = _meta_model(cfg.discriminator.model, dict(cfg.discriminator.model_args))
@@ -112,6 +117,8 @@ def step_flops_per_sample(cfg, derived: dict[str, Any] | None = None) -> dict[st
             loss = recon.float().abs().mean()
             if lpips is not None:
                 loss = loss + lpips(recon, x).mean()
+            if vgg19 is not None:
+                loss = loss + sum(f.float().mean() for f in vgg19(torch.cat([recon, x])))
             if with_disc:
                 loss = loss + disc(recon).mean()
             loss.backward()

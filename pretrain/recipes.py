@@ -185,6 +185,9 @@ _TOKENIZERS = {   # name -> (optimizer, global batch, steps, resolution)
     "vit-vqgan-sl": (_VIT_VQGAN_OPTIM, 256, 500_000, 256),
     "vqgan-f8": (_TAMING_OPTIM, 256, 500_000, 256),
     "vqgan-f16": (_TAMING_OPTIM, 256, 500_000, 256),
+    # Regularized VQ builds on VQGAN and its 256 px benchmarks; its own optimizer, batch and
+    # schedule are not in the paper's text available offline: taming's. Its quantizer and loss
+    # settings (and their sources): model_zoo/vqgan.py REGVQ_F16, pretrain/objectives.py LOSS_PRESETS.
     "regvq-f16": (_TAMING_OPTIM, 256, 500_000, 256),
     "mq-vae-f8": (_TAMING_OPTIM, 256, 500_000, 256),
 }

@@ -37,6 +37,9 @@ DELIBERATE = {
     # real tokens (one read early in the forward; keeping all 77 positions instead would add up
     # to 57 padding tokens, about 5% of a 1,024-token step's FLOPs)
     "model_zoo/t2i_prior.py:_compact",
+    # whether a dead-code restart wrote any row, read after engine.step: an all-False write would
+    # cost three all-reduces of the full codebook (pretrain/engine.py _row_writes_after_step)
+    "pretrain/engine.py:step",
 }
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 OURS = (os.path.join(_ROOT, "pretrain") + os.sep, os.path.join(_ROOT, "model_zoo") + os.sep)

@@ -31,6 +31,12 @@ def lpips():
     return L.LPIPS(pretrained=False)
 
 
+@pytest.fixture(scope="module")
+def vgg19():
+    torch.manual_seed(0)
+    return L.VGG19Features(pretrained=False)
+
+
 def _images(tok, b=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, 3, tok.image_size, tok.image_size, generator=g) * 2 - 1
@@ -63,10 +69,10 @@ def _code_batch(prior, b=3, seed=0, captions=CAPTIONS, embeddings=None, collate=
 # ------------------------------------------------------------------------------------ tokenizers
 
 @pytest.mark.parametrize("name", TOKENIZERS)
-def test_tokenizer_objective_loss_gradients_metrics(name, lpips):
+def test_tokenizer_objective_loss_gradients_metrics(name, lpips, vgg19):
     torch.manual_seed(0)
     model = create_model(name)
-    obj = TokenizerObjective(TokenizerLossConfig.for_tokenizer(name), perceptual=lpips)
+    obj = TokenizerObjective(TokenizerLossConfig.for_tokenizer(name), perceptual=lpips, contrastive_features=vgg19)
     assert obj.models == ("model",)
     loss, m = obj({"model": model}, {"image": _images(model)}, step=0)
     assert loss.dim() == 0 and torch.isfinite(loss)
@@ -94,13 +100,13 @@ def test_tokenizer_objective_loss_gradients_metrics(name, lpips):
 
 
 @torch.no_grad()   # values only
-def test_total_is_the_documented_weighted_sum_regvq(lpips):
+def test_total_is_the_documented_weighted_sum_regvq(lpips, vgg19):
     """Every term recomputed by hand; the quantizer's loss (commitment weighted by its beta) is
     counted exactly once; prior KL and contrastive carry their weights."""
     torch.manual_seed(0)
     model = create_model("regvq-f16-tiny")
     cfg = dataclasses.replace(TokenizerLossConfig.for_tokenizer("regvq-f16"), l2=0.5, perceptual=0.7, prior_kl=0.3, contrastive=0.2)
-    obj = TokenizerObjective(cfg, perceptual=lpips)
+    obj = TokenizerObjective(cfg, perceptual=lpips, contrastive_features=vgg19)
     x = _images(model)
     out = model(x)
     torch.manual_seed(123)
@@ -116,7 +122,7 @@ def test_total_is_the_documented_weighted_sum_regvq(lpips):
         "quantizer": q.loss,
         "prior_kl": q.losses["prior_kl"],
         "contrastive": L.ProbabilisticContrastiveLoss(256, 0.07)(
-            lpips.features(out.recon), lpips.features(x), q.distances.view(2, *model.grid_size)),
+            vgg19(out.recon), vgg19(x), q.sample_distances.view(2, *model.grid_size)),
     }
     assert set(terms) == set(hand)
     for k in hand:
@@ -217,10 +223,12 @@ def test_collapse_warning_and_distance_grid():
         _, m = TokenizerObjective(cfg)({"model": model}, {"image": x}, 0)
         assert float(m[COLLAPSE_METRIC]) == flag
     out = model.eval()(x)
+    assert out.quant.sample_distances is None and not distance_grid(out, model.grid_size).any()  # samples nothing
+    out.quant.sample_distances = torch.rand_like(out.quant.distances) + 0.1   # as a sampling quantizer's
     grid = distance_grid(out, model.grid_size)
     flat = grid.flatten(1)
     assert grid.shape == (2, *model.grid_size)
-    assert torch.equal(flat.gather(1, out.tokens.positions), out.quant.distances.float())
+    assert torch.equal(flat.gather(1, out.tokens.positions), out.quant.sample_distances.float())
     keep = out.extra["keep_mask"]
     assert (flat[~keep] == 0).all()
 

@@ -308,7 +308,9 @@ def test_meta_construction_and_bf16():
 def _dist_configs():
     base = dict(codebook_size=32, dim=4, decay=0.8, dead_threshold=1.0, prior_kl=True)
     return {"ema": QuantizerConfig(ema=True, restart_every=2, **base),
-            "param": QuantizerConfig(ema=False, stochastic_mask_ratio=0.4, **base),
+            # no stochastic mask: its samples depend on the process layout, the gradient compared
+            # with the single process below would not be the same sum (tests/test_regvq.py tests it)
+            "param": QuantizerConfig(ema=False, **base),
             **_full_use_configs()}
 
 
@@ -356,10 +358,6 @@ def _dist_worker(out_dir: str) -> None:
         for step in range(8):
             z = centers[torch.randint(3, (40,))] + 0.1 * torch.randn(40, 8)
             entry = {"z": z}
-            if cfg.prior_kl:
-                with torch.no_grad():          # this rank's share of p_n, before the step updates
-                    ze = F.normalize(q.proj_in(z), dim=-1)
-                    entry["local_probs"] = torch.softmax(-torch.cdist(ze, q.codebook()).square(), -1).sum(0)
             out = q(z)
             entry.update(codes=out.codes, stats=out.stats, losses={k: v.detach() for k, v in out.losses.items()},
                          loss=_dist_loss(out, cfg).detach())
@@ -397,8 +395,8 @@ def test_two_ranks_keep_identical_codebooks(tmp_path):
             ppl = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
             assert a["stats"]["usage"].item() == pytest.approx((counts > 0).float().mean().item())
             assert a["stats"]["perplexity"].item() == pytest.approx(ppl.item(), rel=1e-5)
-            if cfg.prior_kl:     # prior KL of the token distribution averaged over both ranks' positions
-                glob = prior_kl((a["local_probs"] + b["local_probs"]) / 80)
+            if cfg.prior_kl:     # prior KL of the codes used at both ranks' positions
+                glob = prior_kl(p)
                 assert a["losses"]["prior_kl"].item() == pytest.approx(glob.item(), rel=1e-4, abs=1e-6)
                 assert torch.equal(a["losses"]["prior_kl"], b["losses"]["prior_kl"])
             if cfg.kind == "lfq":
