@@ -61,7 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common(lp)
     lp.add_argument("--test-data", required=True, help="held-out split (labels from .cls)")
     lp.add_argument("--max-samples", type=int, default=None)
-    lp.add_argument("--layers", default=None, help="comma-separated block indices (default: every block)")
+    lp.add_argument("--layers", default=None,
+                    help="comma-separated block indices, or 'all' (default: the paper's probe block for vim-base "
+                         "(10 of 24) and vim-large (15 of 36), every block for other priors and tokenizers)")
     lp.add_argument("--images-train", default=None, help="image shards for the raw-pixel baseline of a prior")
     lp.add_argument("--images-test", default=None)
 
@@ -177,7 +179,9 @@ def _run(args) -> dict:
     if m == "linear-probe":
         from .probe import evaluate_linear_probe
 
-        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+        layers = None
+        if args.layers:
+            layers = "all" if args.layers.strip() == "all" else [int(x) for x in args.layers.split(",")]
         return evaluate_linear_probe(args.ckpt, args.data, args.test_data, args.out, layers=layers,
                                      max_samples=args.max_samples, batch_size=args.batch_size, device=args.device,
                                      images_train=args.images_train, images_test=args.images_test)

@@ -225,6 +225,18 @@ class DigitsJudge:
     def features(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         return self._run(images, "features", batch_size)
 
+    def score(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Rejection-sampling scores ``[B]`` (``pretrain.sample.rejection_sample``'s classifier):
+        the log-probability of the requested digit; for a label outside 0-9 (-1: unconditional,
+        photo classes) the log-probability of the judge's top digit."""
+        logp = self.logits(images, batch_size).float().log_softmax(1).cpu()
+        y = torch.as_tensor(labels).long().reshape(-1).cpu()
+        if len(y) != len(logp):
+            raise ValueError(f"{len(logp)} images but {len(y)} labels")
+        digit = (y >= 0) & (y < NUM_DIGITS)
+        asked = logp.gather(1, y.clamp(0, NUM_DIGITS - 1)[:, None])[:, 0]
+        return torch.where(digit, asked, logp.max(1).values)
+
 
 _LOADED: dict[str, DigitsJudge] = {}
 

@@ -4,11 +4,19 @@ Priors (Yu et al., "Vector-quantized Image Modeling with Improved VQGAN", ICLR 2
 following iGPT: Chen et al., "Generative Pretraining from Pixels", ICML 2020): the code shards of
 a training and a held-out split are fed to the prior by teacher forcing, block ``l``'s output is
 averaged over the token positions (``prior.features(codes, condition, l)``), and a linear
-classifier is fit on it, for every block ``l``: the accuracy-vs-depth curve. The condition is the
-prior's NULL condition (VIM / Stackformer: the null class; the text prior: the empty caption), so
-the label never enters the features it is probed for. Features of block ``l`` are computed by
-running blocks ``0..l`` (the Prior interface), so probing all ``L`` blocks costs about ``L/2``
-forward passes; pass ``layers`` to probe a subset of a deep prior.
+classifier is fit on it. The condition is the prior's NULL condition (VIM / Stackformer: the null
+class; the text prior: the empty caption), so the label never enters the features it is probed
+for. Features of block ``l`` are computed by running blocks ``0..l`` (the Prior interface), so
+probing all ``L`` blocks costs about ``L/2`` forward passes.
+
+Which blocks: the paper probes an UNCONDITIONAL VIM (recipes ``vim-base-uncond`` /
+``vim-large-uncond``) at a middle block, Base block 10 of 24 and Large 15 of 36
+(``model_zoo.vim.PAPER_PROBE_BLOCKS``); for those presets the default is that block alone
+(:func:`paper_probe_layer`), for every other prior every block (the accuracy-vs-depth curve).
+``layers="all"`` (``--layers all``) sweeps every block of any prior; a list picks blocks. The
+result names the paper's block (``paper_layer``) and the recipe the package was trained with when
+its model card says (``protocol.trained_recipe``); probing a class-conditional recipe is logged as
+a departure from the paper's protocol.
 
 Tokenizers (image shards): the encoder's features, with the tokenizer's own accessors:
 
@@ -68,6 +76,16 @@ def pixel_features(images: torch.Tensor, size: int = PIXEL_SIZE) -> torch.Tensor
     """``[B, 3, H, W]`` -> ``[B, 3 * size * size]``: area averages (exact box filter when ``size``
     divides ``H`` and ``W``), so no pixel is skipped the way strided subsampling would."""
     return F.adaptive_avg_pool2d(images.float(), size).flatten(1)
+
+
+def paper_probe_layer(name: str, depth: int) -> int | None:
+    """The 0-based block the paper's linear probe reads for registry preset ``name`` at ``depth``
+    blocks (``model_zoo.vim.PAPER_PROBE_BLOCKS``: vim-base 9, vim-large 14), else None (other
+    presets, or a preset whose depth was changed)."""
+    from model_zoo.vim import PAPER_PROBE_BLOCKS
+
+    block, of = PAPER_PROBE_BLOCKS.get(name, (None, None))
+    return block - 1 if block is not None and of == depth else None
 
 
 def prior_depth(prior) -> int:
@@ -203,8 +221,9 @@ def _image_split(url: str, resolution: int, batch_size: int, max_samples, device
 
 # ---------------------------------------------------------------------------------------- job
 
-def _load(ckpt: str, device) -> tuple[Any, dict[str, Any], Any]:
-    """(model, identity, the prior's tokenizer built on meta for its image size, or None)."""
+def _load(ckpt: str, device) -> tuple[Any, dict[str, Any], Any, str | None]:
+    """(model, identity, the prior's tokenizer built on meta for its image size, or None, the
+    recipe its model card names, or None)."""
     from model_zoo.package import CHECKSUMS, build_model, load_package, read_config
     from pretrain.resolve import as_package
 
@@ -222,7 +241,8 @@ def _load(ckpt: str, device) -> tuple[Any, dict[str, Any], Any]:
         tok_proto = build_model(tok_meta["name"], tok_meta["config"], "meta")
         identity["tokenizer"] = {"name": tok_meta["name"], "sha256": hashlib.sha256(
             storage.read_bytes(storage.join(tok_url, CHECKSUMS))).hexdigest()}
-    return load_package(url, device=device), identity, tok_proto
+    recipe = ((meta.get("card") or {}).get("training") or {}).get("recipe")
+    return load_package(url, device=device), identity, tok_proto, recipe
 
 
 def _code_tokenizer(url: str) -> dict[str, Any] | None:
@@ -245,7 +265,7 @@ def _fit_all(train: dict[str, torch.Tensor], ytr, test: dict[str, torch.Tensor],
 
 
 def evaluate_linear_probe(ckpt: str, train_url: str, test_url: str, out_url: str | None = None,
-                          layers: Sequence[int] | None = None, max_samples: int | None = None,
+                          layers: Sequence[int] | str | None = None, max_samples: int | None = None,
                           batch_size: int = 64, device=None, progress: bool = True,
                           images_train: str | None = None, images_test: str | None = None,
                           pixel_size: int = PIXEL_SIZE, seed: int = 0,
@@ -254,9 +274,10 @@ def evaluate_linear_probe(ckpt: str, train_url: str, test_url: str, out_url: str
     """Linear probes of ``ckpt`` (zoo package, run directory or step folder; prior or tokenizer).
 
     Prior: ``train_url`` / ``test_url`` are code-shard roots (labels from ``KEY.cls``); ``layers``
-    (default: every block) are block indices; ``images_train`` / ``images_test`` (both or neither)
+    are block indices (default: the paper's probe block for vim-base / vim-large, every block for
+    other priors; ``"all"``: every block); ``images_train`` / ``images_test`` (both or neither)
     add the raw-pixel baseline. Tokenizer: ``train_url`` / ``test_url`` are image datasets;
-    ``layers`` picks the ViT encoder blocks probed (default: all; ``[]`` for none). ``max_samples``
+    ``layers`` picks the ViT encoder blocks probed (default and ``"all"``: all; ``[]`` for none). ``max_samples``
     caps each split. ``weight_decays``: the L2 candidates (one value: no validation fits, 6x
     faster). With ``out_url`` (``.json``), writes the result there and the accuracy plot
     next to it (``<stem>.png``).
@@ -265,14 +286,19 @@ def evaluate_linear_probe(ckpt: str, train_url: str, test_url: str, out_url: str
     ``pixel_baseline`` (``{top1, size, dim}`` or None), ``fits`` (per key: train top-1, chosen
     weight decay, feature dim), ``num_train`` / ``num_test`` / ``num_classes``, ``chance`` (the
     majority class's share of the test split), ``unlabelled`` (skipped samples per split),
-    ``protocol`` and ``seconds``. Layer keys are strings (JSON); a prior's ``best_layer`` is the
-    block index as an int."""
+    ``protocol``, ``paper_layer`` (the paper's block for this prior, or None) and ``seconds``.
+    Layer keys are strings (JSON); a prior's ``best_layer`` is the block index as an int."""
     t0 = time.perf_counter()
     device = _device(device)
     if (images_train is None) != (images_test is None):
         raise ValueError("give both images_train and images_test for the pixel baseline, or neither")
-    model, identity, tok_proto = _load(ckpt, device)
+    model, identity, tok_proto, recipe = _load(ckpt, device)
     kind = identity["kind"]
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f"layers must be block indices or 'all', got {layers!r}")
+        layers = None if kind == "tokenizer" else "all"
+    paper = None
     pixel: dict[str, Any] | None = None
     protocol: dict[str, Any] = {"task": "linear-probe", "ckpt": ckpt, "model": identity, "train": train_url,
                                 "test": test_url, "max_samples": max_samples, "order": "fixed (no shuffle)",
@@ -282,7 +308,13 @@ def evaluate_linear_probe(ckpt: str, train_url: str, test_url: str, out_url: str
                                           "weight_decays": [float(w) for w in weight_decays], "seed": seed}}
     if kind == "prior":
         depth = prior_depth(model)
-        layers = list(range(depth)) if layers is None else [int(l) for l in layers]
+        paper = paper_probe_layer(identity["name"], depth)
+        if layers is None and paper is not None:
+            layers, chosen = [paper], f"the paper's probe block ({paper + 1} of {depth})"
+        elif layers is None or layers == "all":
+            layers, chosen = list(range(depth)), "every block"
+        else:
+            layers, chosen = [int(l) for l in layers], "given"
         layers = [range(depth)[l] for l in layers]            # negative -> from the end; IndexError if out
         if not layers:
             raise ValueError("no layers to probe")
@@ -301,7 +333,12 @@ def evaluate_linear_probe(ckpt: str, train_url: str, test_url: str, out_url: str
             pixel = {"top1": pfit["top1"], "size": pixel_size, "dim": pfit["dim"], "resolution": resolution,
                      "num_train": len(pytr), "num_test": len(pyte), "train": images_train, "test": images_test}
         codes_tok = _code_tokenizer(train_url)
+        unconditional = None if recipe is None else recipe.removesuffix("-tiny").endswith("-uncond")
+        if paper is not None and unconditional is False:
+            log.warning("%s was trained with recipe %s; the paper probes an unconditional VIM (%s-uncond)",
+                        ckpt, recipe, identity["name"])
         protocol.update({
+            "layers": chosen, "trained_recipe": recipe, "trained_unconditional": unconditional,
             "features": "block output (before the final norm) averaged over the token positions "
                         "(VIM sec. 5.2 / iGPT), teacher forcing",
             "condition": "null (unconditional: no label or caption enters the features)",
@@ -336,7 +373,7 @@ def evaluate_linear_probe(ckpt: str, train_url: str, test_url: str, out_url: str
         "task": "linear-probe", "kind": kind,
         "layers": scores, "best_layer": (int(best) if kind == "prior" and best is not None else best),
         "best_top1": finite.get(best) if best is not None else None,
-        "pixel_baseline": pixel, "fits": fits,
+        "pixel_baseline": pixel, "fits": fits, "paper_layer": paper,
         "num_train": int(len(ytr)), "num_test": int(len(yte)),
         "num_classes": int(max(ytr.max(), yte.max())) + 1, "unlabelled": {"train": utr, "test": ute},
         "chance": float(np.bincount(yte.numpy()).max() / len(yte)),   # majority class of the test split

@@ -16,11 +16,23 @@ single-process run.
 
 Classifier-free guidance (Ho & Salimans 2021): ``uncond + s * (cond - uncond)``; ``s = 1`` is the
 conditional model and ``s = 0`` the unconditional one (both returned exactly, no arithmetic).
+
+Priors that draw two kinds of token (Stackformer: a code, then its position) read the position
+draws' filter from ``position_top_k`` / ``position_top_p`` (None: the codes' ``top_k`` /
+``top_p``) through :meth:`SamplingConfig.for_positions`; the official MQ-VAE code samples codes
+with top-k 100 and positions with top-k 10, both with top-p 0.95
+(models/stage2_masked/stackformer_class.py, ``log_images``).
+
+Rejection sampling (VIM, Yu et al. 2021): draw more candidates than wanted, have a classifier
+score them, keep the best-scored fraction (the acceptance rate). Tokens know nothing of images,
+so the priors do not do it: :func:`num_candidates` and :func:`keep_best` are the arithmetic, and
+the caller that decodes images and holds a classifier applies them (``pretrain.sample``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,14 +44,49 @@ class SamplingConfig:
     top_p: float = 1.0      # 1.0 = off
     guidance_scale: float = 1.0   # logits = uncond + s * (cond - uncond); 1 = conditional, 0 = unconditional
     use_cache: bool = True
+    position_top_k: int | None = None     # Stackformer's position draws (None: top_k)
+    position_top_p: float | None = None   # Stackformer's position draws (None: top_p)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("top_k", "position_top_k"):
+            k = getattr(self, name)
+            if k is not None and k < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off), got {k}")
+        for name in ("top_p", "position_top_p"):
+            p = getattr(self, name)
+            if p is not None and not 0.0 < p <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {p}")
+
+    def for_positions(self) -> "SamplingConfig":
+        """The settings of a position draw: ``position_top_k`` / ``position_top_p`` in place of
+        ``top_k`` / ``top_p`` where they are set (temperature and guidance are shared)."""
+        k = self.top_k if self.position_top_k is None else self.position_top_k
+        p = self.top_p if self.position_top_p is None else self.position_top_p
+        return replace(self, top_k=k, top_p=p)
+
+
+# ---- rejection sampling ------------------------------------------------------------------------
+
+def num_candidates(num: int, acceptance_rate: float) -> int:
+    """How many candidates to draw so that keeping ``num`` of them keeps about ``acceptance_rate``
+    of them: ``ceil(num / acceptance_rate)`` (1.0: ``num``, no rejection)."""
+    if not 0.0 < acceptance_rate <= 1.0:
+        raise ValueError(f"acceptance rate must be in (0, 1], got {acceptance_rate}")
+    return max(int(num), math.ceil(int(num) / float(acceptance_rate) - 1e-9))
+
+
+def keep_best(scores: torch.Tensor, num: int) -> torch.Tensor:
+    """Indices (ascending, so kept samples stay in candidate order) of the ``num`` highest
+    ``scores [n]``; ties go to the earlier candidate, so the choice does not depend on the batch."""
+    scores = torch.as_tensor(scores).reshape(-1)
+    if not 0 <= num <= scores.numel():
+        raise ValueError(f"cannot keep {num} of {scores.numel()} candidates")
+    if torch.isnan(scores).any():
+        raise ValueError("a classifier score is NaN")
+    order = torch.argsort(scores.double().cpu(), descending=True, stable=True)
+    return order[:num].sort().values
 
 
 # ---- counter-based hashing ---------------------------------------------------------------------

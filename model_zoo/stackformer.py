@@ -41,9 +41,13 @@ normed output. Dropout 0.1 everywhere, attention dropout 0.1, init normal(0, 0.0
 
 Conditioning is by class label (``-1`` = unconditional, mapped to the null class
 ``num_classes``); during training labels are replaced by the null class with probability
-``class_dropout`` so that one network serves both CFG branches. Generation keeps a KV cache for
-each stack; code draws use sampling step ``2i`` and position draws ``2i + 1`` so the two draws of
-a step see different counter-based noise.
+``class_dropout`` so that one network serves both CFG branches. Class dropout and guidance are
+vqscale's options, not the official code's (its class-conditional config trains without label
+dropout and samples without guidance; the ``stackformer-base`` recipe sets ``class_dropout=0``).
+Generation keeps a KV cache for each stack; code draws use sampling step ``2i`` and position draws
+``2i + 1`` so the two draws of a step see different counter-based noise. Position draws use
+``sampling.for_positions()`` (``position_top_k`` / ``position_top_p``; the official sampler
+filters codes with top-k 100 and positions with top-k 10, top-p 0.95 for both).
 
 Parameter counts, measured on the meta device: ``stackformer-base`` (32 x 32 grid, k = 256,
 codebook 1024, 1000 classes, 12 + 12 layers, width 1024, 16 heads, MLP 4096):
@@ -81,7 +85,7 @@ class StackformerConfig:
         width=1024, depth=12, heads=16, mlp_dim=4096, dropout=0.1, attn_dropout=0.1))
     position_transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(
         width=1024, depth=12, heads=16, mlp_dim=4096, dropout=0.1, attn_dropout=0.1))
-    class_dropout: float = 0.1         # label -> null class during training (CFG)
+    class_dropout: float = 0.1         # label -> null class during training (CFG; not in the official code)
     init_std: float = 0.02             # minGPT / official init of embeddings and linear layers
 
     def __post_init__(self) -> None:
@@ -242,7 +246,8 @@ class Stackformer(Prior):
                  seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``(codes [n, k], positions [n, k])`` -- positions strictly increasing, in the
         grid, exactly ``k`` of them. Classifier-free guidance runs the conditional and the
-        unconditional rows as one batch of ``2n`` and guides both heads. Call in eval mode."""
+        unconditional rows as one batch of ``2n`` and guides both heads. Codes are filtered by
+        ``sampling.top_k`` / ``top_p``, positions by ``sampling.for_positions()``. Call in eval mode."""
         n, k, dev = num_samples, self.num_tokens, self.step_embed.device
         seeds = torch.as_tensor(seeds, dtype=torch.long, device=dev).reshape(-1)
         if seeds.shape[0] != n:
@@ -252,6 +257,7 @@ class Stackformer(Prior):
         if scale != 1.0:
             labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
         rows = labels.shape[0]
+        position_sampling = sampling.for_positions()
         codes = torch.zeros(n, k, dtype=torch.long, device=dev)
         positions = torch.zeros(n, k, dtype=torch.long, device=dev)
         prev = torch.full((n,), -1, dtype=torch.long, device=dev)
@@ -284,7 +290,7 @@ class Stackformer(Prior):
             logits = self._guide(self.position_head(g), n, scale)
             allowed = position_mask(prev, i, k, self.num_positions)
             positions[:, i] = sample_tokens(logits.masked_fill(~allowed, float("-inf")),
-                                            sampling, seeds, 2 * i + 1)
+                                            position_sampling, seeds, 2 * i + 1)
             prev = positions[:, i]
         return codes, positions
 

@@ -11,7 +11,10 @@ sec. 4: a decoder-only transformer predicts the 32x32 = 1024 image tokens in ras
 * Class conditioning by the first token (a learned class embedding, ``num_classes + 1`` rows);
   unconditional generation is the extra null class ``num_classes`` (label ``-1`` maps to it). In
   training the label is replaced by the null class with probability ``class_dropout`` (applied in
-  ``loss``), so one network gives both branches of classifier-free guidance.
+  ``loss``), so one network gives both branches of classifier-free guidance. Class dropout and
+  guidance are vqscale's options, not the paper's (its class-conditional VIM has the class token
+  and nothing else; the paper's recipes, pretrain/recipes.py, set ``class_dropout=0``); the
+  config default 0.1 serves the CFG samplers of the demo and of ``vim-small``.
 * Position embeddings: a learned table over the token grid, ``[N, D]``, row ``j`` added to slot
   ``j`` -- the slot whose output predicts grid cell ``j``. Every row is trained (the input
   ``code_N`` is never fed, so a table indexed by the input's own cell would leave a row unused).
@@ -27,7 +30,8 @@ guidance runs the conditional and unconditional rows in one batch of ``2n`` and 
 (model_zoo/sampling.py), so its tokens do not depend on the batch or the number of processes.
 ``features(codes, y, layer)`` is block ``layer``'s residual stream averaged over the code slots
 (class token excluded), the paper's linear-probe protocol (sec. 5.2: "average ... intermediate
-features", probed per layer).
+features", probed per layer). The paper probes an unconditional VIM at a middle block: block 10 of
+24 (Base) and 15 of 36 (Large) (:data:`PAPER_PROBE_BLOCKS`; issue 19's reading of the paper).
 
 Parameter counts, measured on the meta device (grid 32x32, codebook 8192, 1000 classes, untied):
 
@@ -64,6 +68,11 @@ from .vqgan import replace_config
 
 PAPER = "Yu et al. 2021, Vector-quantized Image Modeling with Improved VQGAN, arXiv:2110.04627"
 
+# The block the paper's linear probe reads, per preset: (block, of depth), counted from 1 as the
+# paper counts ("block 10 of 24"), so ``features(..., layer=block - 1)``. Issue 19's reading of the
+# paper (sec. 5.2), not re-checked against the PDF here; the all-block sweep finds the best block.
+PAPER_PROBE_BLOCKS: dict[str, tuple[int, int]] = {"vim-base": (10, 24), "vim-large": (15, 36)}
+
 
 @dataclass(frozen=True)
 class VIMConfig:
@@ -72,7 +81,7 @@ class VIMConfig:
     num_classes: int = 1000
     transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(
         width=1536, depth=24, heads=16, mlp_dim=6144, dropout=0.1))
-    class_dropout: float = 0.1      # P(label -> null class) in training, for classifier-free guidance
+    class_dropout: float = 0.1      # P(label -> null class) in training, for CFG (vqscale's; the paper: 0)
     tie_embeddings: bool = False    # share the token embedding with the output head
     init_std: float = 0.02          # GPT-2 init of embeddings, position table and head
 

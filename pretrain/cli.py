@@ -119,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     sm.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     sm.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    sm.add_argument("--position-top-k", type=int, default=None,
+                    help="Stackformer: top-k of the position draws (default: --top-k; official: 10)")
+    sm.add_argument("--position-top-p", type=float, default=None,
+                    help="Stackformer: top-p of the position draws (default: --top-p; official: 0.95)")
+    sm.add_argument("--accept", type=float, default=1.0, metavar="RATE",
+                    help="rejection sampling (VIM): draw ceil(num / RATE) candidates and keep the num that "
+                         "--classifier scores highest (default 1.0: off)")
+    sm.add_argument("--classifier", choices=["digits-judge"], default=None,
+                    help="the classifier of --accept: digits-judge (the offline judge of the demo digits; "
+                         "score = log-probability of the requested digit)")
     sm.add_argument("--batch-size", type=int, default=16, help="images generated at once (default 16)")
     sm.add_argument("--no-cache", action="store_true", help="recompute every step (no KV cache)")
     sm.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -308,8 +318,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             from .sample import SampleError, main_sample
 
+            classifier = None
+            if args.classifier == "digits-judge":
+                from evals.digits import load_digits_judge
+
+                classifier = load_digits_judge().score
             try:
-                return main_sample(args)
+                return main_sample(args, classifier=classifier)
             except (PackageError, SampleError) as e:
                 print(f"vqscale: error: {e}", file=sys.stderr)
                 return 2

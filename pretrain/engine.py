@@ -3,7 +3,8 @@
 Owns: :class:`OptimConfig` and :class:`DeepSpeedSettings` (frozen config sections), the DeepSpeed
 config JSON they resolve to (:func:`build_ds_config`; ``passthrough`` is deep-merged last so any
 DeepSpeed setting can be given), gradient accumulation derived from the global batch and the world
-size, parameter groups (which tensors get weight decay), the warmup + cosine schedule,
+size, parameter groups (which tensors get weight decay), the LR schedules (warmup + cosine, or warmup +
+exponential decay: :func:`lr_schedule`),
 activation checkpointing applied from outside the model, DeepSpeed's hooks seeing inside dataclass
 outputs, :func:`build_engine`, :func:`consolidated_state_dict` and :class:`EMA`.
 
@@ -100,13 +101,22 @@ from . import safe_load
 from .config import json_value
 
 __all__ = ["OptimConfig", "DeepSpeedSettings", "gradient_accumulation_steps", "resolve_bf16",
-           "build_ds_config", "weight_decay_groups", "WarmupCosine", "apply_activation_checkpointing",
+           "build_ds_config", "weight_decay_groups", "WarmupCosine", "WarmupExponential", "lr_schedule",
+           "apply_activation_checkpointing",
            "build_engine", "consolidated_state_dict", "EMA"]
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup and a cosine decay to ``lr * min_lr_ratio`` at ``total_steps``."""
+    """AdamW with a linear warmup to ``lr`` over ``warmup_steps``, then (``schedule``):
+
+    * ``"cosine"`` (the default): a cosine decay to ``lr * min_lr_ratio`` at ``total_steps``;
+    * ``"exponential"``: constant until ``decay_start``, then an exponential decay reaching
+      ``lr * min_lr_ratio`` at ``total_steps``, ``lr * min_lr_ratio ** ((t - decay_start) /
+      (total_steps - decay_start))`` (VIM's schedule: 4.5e-4 from 5k steps, decayed from 80k to 1e-5).
+
+    Both stay at their final value after ``total_steps``; ``total_steps = 0`` is constant after
+    the warmup. :func:`lr_schedule` builds the multiplier."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)   # recipes set the papers' values (ViT-VQGAN: 0.9, 0.99)
@@ -114,7 +124,9 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     total_steps: int = 1000                    # 0: constant after warmup
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1                  # the final lr, as a fraction of lr (both schedules)
+    schedule: Literal["cosine", "exponential"] = "cosine"
+    decay_start: int = 0                       # exponential: the step its decay starts (>= warmup_steps)
     grad_clip: float = 1.0                     # 0 disables clipping
     # auto: DeepSpeed's own AdamW (DeepSpeedCPUAdam) when the optimizer is offloaded, else torch's
     optimizer: Literal["auto", "torch", "deepspeed"] = "auto"
@@ -243,6 +255,38 @@ class WarmupCosine:
             return 1.0
         t = min(1.0, (step - self.warmup) / (self.total - self.warmup))
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class WarmupExponential:
+    """LR multiplier: linear warmup to 1 over ``warmup`` steps, 1 until ``decay_start``, then
+    ``min_ratio ** ((step - start) / (total - start))`` (``start = max(decay_start, warmup)``),
+    which reaches ``min_ratio`` at ``total`` and stays there. A callable object (LambdaLR's
+    state_dict can save it)."""
+
+    def __init__(self, warmup: int, decay_start: int, total: int, min_ratio: float):
+        self.warmup, self.decay_start, self.total = int(warmup), int(decay_start), int(total)
+        self.min_ratio = float(min_ratio)
+        if not 0.0 < self.min_ratio <= 1.0:
+            raise ValueError(f"the exponential schedule needs 0 < min_lr_ratio <= 1, got {self.min_ratio}")
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        start = max(self.decay_start, self.warmup)
+        if self.total <= start or step < start:
+            return 1.0
+        t = min(1.0, (step - start) / (self.total - start))
+        return self.min_ratio ** t
+
+
+def lr_schedule(optim_cfg: OptimConfig):
+    """The LR multiplier (a LambdaLR ``lr_lambda``) of ``optim_cfg.schedule``."""
+    if optim_cfg.schedule == "cosine":
+        return WarmupCosine(optim_cfg.warmup_steps, optim_cfg.total_steps, optim_cfg.min_lr_ratio)
+    if optim_cfg.schedule == "exponential":
+        return WarmupExponential(optim_cfg.warmup_steps, optim_cfg.decay_start, optim_cfg.total_steps,
+                                 optim_cfg.min_lr_ratio)
+    raise ValueError(f"optim.schedule must be 'cosine' or 'exponential', got {optim_cfg.schedule!r}")
 
 
 def _is_block(module: nn.Module) -> bool:
@@ -386,8 +430,8 @@ def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_settings: DeepSpee
     vim-small-tiny built under it kept PyTorch's default init, head std 0.073 instead of 0.02.)
 
     ``param_groups`` (AdamW groups, e.g. with their own ``lr``) replaces :func:`weight_decay_groups`;
-    frozen parameters are dropped from them either way. The engine steps its LambdaLR (warmup +
-    cosine) at each gradient-accumulation boundary.
+    frozen parameters are dropped from them either way. The engine steps its LambdaLR
+    (:func:`lr_schedule`) at each gradient-accumulation boundary.
     """
     import deepspeed
     import torch.distributed as dist
@@ -415,7 +459,7 @@ def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_settings: DeepSpee
             return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
                                      weight_decay=optim_cfg.weight_decay, fused=fused or None)
 
-    schedule = WarmupCosine(optim_cfg.warmup_steps, optim_cfg.total_steps, optim_cfg.min_lr_ratio)
+    schedule = lr_schedule(optim_cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, optimizer=optimizer, config=cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))

@@ -7,7 +7,10 @@ tokenizer objective of :mod:`pretrain.objectives` plus
 * generator: ``cfg.adversarial * w * g_loss(D(recon))`` through the ``adversarial_term`` hook, from
   ``DiscriminatorConfig.start_step`` on (before it the term is absent and the discriminator does not
   train). ``w`` is taming's adaptive weight ``||grad nll|| / (||grad g|| + 1e-4)`` w.r.t. the
-  decoder's last layer weight, clamped to [0, 1e4] and detached (``adaptive_weight=False``: w = 1);
+  decoder's last layer weight, clamped to [0, 1e4] and detached (``adaptive_weight=False``: w = 1,
+  a fixed weight ``cfg.adversarial``, as ViT-VQGAN). ``DiscriminatorConfig.adaptive_weight_max``
+  (None: no bound) caps the product ``cfg.adversarial * w``, as the official MQ-VAE code's
+  ``disc_weight_max`` caps ``disc_weight * adaptive weight`` (modules/losses/vqperceptual.py);
 * discriminator (:meth:`GANTokenizerObjective.discriminator_step`): ``d_loss(D(real),
   D(recon.detach()))`` (hinge or non-saturating), plus optional LeCam (``lecam_weight``, Tseng et
   al. 2021: ``mean(relu(D(real) - ema_fake)^2) + mean(relu(ema_real - D(fake))^2)`` with EMAs of the
@@ -331,8 +334,12 @@ class GANTokenizerObjective(TokenizerObjective):
             w = self._adaptive_weight(tok, out, nll, g)
         else:
             w = torch.ones((), device=g.device)
-        term = self.cfg.adversarial * w * g
+        scale = self.cfg.adversarial * w
+        if self.disc.adaptive_weight_max is not None:
+            scale = scale.clamp(max=float(self.disc.adaptive_weight_max))
+        term = scale * g
         return term, {"gan/g_loss": g.detach(), "gan/adaptive_weight": w.detach().float(),
+                      "gan/adversarial_weight": scale.detach().float(),
                       "gan/logits_fake_g": logits.detach().float().mean()}
 
     # -- the discriminator's side ---------------------------------------------------------------------

@@ -179,7 +179,9 @@ LOSS_PRESETS: dict[str, dict[str, float]] = {
     # 0.03, measured: at 1.0 (and 0.1) the tiny VQGAN of tests/test_regvq.py reconstructs digits
     # about 2 dB (1.5 dB) below plain VQ, at 0.03 every code stays in use at a smaller cost.
     "regvq": {**_TAMING, "prior_kl": 0.03, "contrastive": 1.0},
-    # MQ-VAE's released stage-1 config (mqvae_imagenet_f8_r30): taming's loss, disc_weight 0.75.
+    # MQ-VAE's released stage-1 config (mqvae_imagenet_f8_r30): taming's loss, disc_weight 0.75
+    # (times the adaptive weight, the product clamped to disc_weight_max 1.0: the recipe's
+    # discriminator.adaptive_weight_max).
     "mq-vae": {**_TAMING, "adversarial": 0.75},
 }
 
@@ -377,9 +379,13 @@ class TokenizerObjective:
 class PriorLossConfig:
     """Stage 2 is next-token cross-entropy as each prior's ``loss`` defines it (VIM and the text
     prior: code CE; Stackformer: code CE + position CE with the official weight 1.0). Condition
-    dropout is each prior's own config (class_dropout / caption_dropout, 0.1 as in the papers).
-    ``condition="unconditional"`` trains every sample with the null condition. The ``visual_*``
-    fields set the few samples drawn by :meth:`PriorObjective.visuals` (same seeds every time)."""
+    dropout is each prior's own config (``class_dropout`` / ``caption_dropout``, default 0.1, for
+    classifier-free guidance); VIM's and Stackformer's are vqscale's options, not their papers',
+    and their paper recipes turn them off (``model_args.class_dropout=0``).
+    ``condition="unconditional"`` trains every sample with the null condition (the paper's
+    unconditional VIM, ``vim-base-uncond``). The ``visual_*`` fields set the few samples drawn by
+    :meth:`PriorObjective.visuals` (same seeds every time); ``visual_position_top_k`` /
+    ``visual_position_top_p`` filter Stackformer's position draws (None: as its codes)."""
 
     condition: Literal["auto", "unconditional"] = "auto"
     num_visuals: int = 4
@@ -388,6 +394,8 @@ class PriorLossConfig:
     visual_top_k: int = 0
     visual_top_p: float = 1.0
     visual_guidance_scale: float = 1.0
+    visual_position_top_k: int | None = None
+    visual_position_top_p: float | None = None
 
 
 class CaptionTokenizer:
@@ -519,7 +527,9 @@ class PriorObjective:
             raise ValueError(f"tokenizer codebook {tok.codebook_size} != prior codebook {prior.codebook_size}")
         n = min(cfg.num_visuals, len(batch["codes"]) if "codes" in batch else len(batch["caption"]))
         sampling = SamplingConfig(temperature=cfg.visual_temperature, top_k=cfg.visual_top_k,
-                                  top_p=cfg.visual_top_p, guidance_scale=cfg.visual_guidance_scale)
+                                  top_p=cfg.visual_top_p, guidance_scale=cfg.visual_guidance_scale,
+                                  position_top_k=cfg.visual_position_top_k,
+                                  position_top_p=cfg.visual_position_top_p)
         seeds = sample_seeds(cfg.visual_seed, torch.arange(n))
         with _eval_mode(prior, tok), _gathered(prior):
             out = prior.generate(self.condition(prior, batch, n), n, sampling, seeds)

@@ -110,6 +110,34 @@ def test_layer_subset_max_samples_and_determinism(tmp_path, codes):
         evaluate_linear_probe(url, *codes, None, images_train=codes[0], **kw)
 
 
+def test_paper_probe_block_is_the_default_and_all_sweeps(tmp_path, codes, monkeypatch):
+    """vim-base / vim-large: the paper's block (10 of 24, 15 of 36, counted from 1) by default;
+    ``layers="all"`` sweeps; other priors sweep by default. The recipe on the model card is kept."""
+    import model_zoo.vim as vim
+    from evals.probe import paper_probe_layer
+
+    assert paper_probe_layer("vim-base", 24) == 9 and paper_probe_layer("vim-large", 36) == 14
+    assert paper_probe_layer("vim-base", 2) is None and paper_probe_layer("vim-small", 12) is None
+    # the tiny twin stands in for vim-base: its 2 blocks, the paper's at "block 2 of 2"
+    monkeypatch.setitem(vim.PAPER_PROBE_BLOCKS, "vim-base-tiny", (2, 2))
+    torch.manual_seed(0)
+    tok = create_model("vqgan-f8-tiny")
+    prior = create_model("vim-base-tiny", codebook_size=tok.codebook_size, grid_size=tok.grid_size)
+    url = str(tmp_path / "uncond")
+    save_package(prior, url, tokenizer=tok, card_extra={"training": {"recipe": "vim-base-uncond-tiny"}})
+    kw = dict(batch_size=32, device="cpu", progress=False, max_samples=40, weight_decays=(1e-3,))
+    r = evaluate_linear_probe(url, *codes, None, **kw)
+    assert list(r["layers"]) == ["1"] and r["paper_layer"] == 1 and r["best_layer"] == 1
+    p = r["protocol"]
+    assert p["layers"].startswith("the paper's probe block (2 of 2)")
+    assert p["trained_recipe"] == "vim-base-uncond-tiny" and p["trained_unconditional"] is True
+    swept = evaluate_linear_probe(url, *codes, None, layers="all", **kw)
+    assert list(swept["layers"]) == ["0", "1"] and swept["layers"]["1"] == r["layers"]["1"]
+    assert swept["protocol"]["layers"] == "every block"
+    with pytest.raises(ValueError, match="'all'"):
+        evaluate_linear_probe(url, *codes, None, layers="some", **kw)
+
+
 def test_text_prior_and_stackformer_probe(tmp_path, codes):
     """The text prior probes with the empty caption; Stackformer with the kept positions."""
     t2i = _package(tmp_path, "t2i-prior-1b-tiny", "vqgan-f8-tiny")

@@ -58,10 +58,14 @@ def test_every_recipe_counts_on_the_meta_device(name):
         assert flops_at_step(parts, cfg, start) == parts["total"]
         if start > 0:
             assert flops_at_step(parts, cfg, start - 1) == parts["generator"]
-        # the losses are counted too: more than the tokenizer's own forward and backward
+        # the losses are counted too: more than the tokenizer's own forward and backward (where the
+        # recipe has a network loss: vit-vqgan-bb-probe trains without the perceptual term)
         no_losses = apply_overrides(cfg, ["tokenizer_loss.perceptual=0", "tokenizer_loss.contrastive=0",
                                           "tokenizer_loss.adversarial=0"])
-        assert step_flops_per_sample(no_losses)["total"] < parts["generator"]
+        if cfg.tokenizer_loss.perceptual or cfg.tokenizer_loss.contrastive:
+            assert step_flops_per_sample(no_losses)["total"] < parts["generator"]
+        else:
+            assert step_flops_per_sample(no_losses)["total"] == parts["generator"]
 
 
 def test_matmul_peak_and_datasheet_peak():

@@ -374,7 +374,10 @@ def test_recipes_set_the_papers_discriminators():
                 size = create_model(cfg.model).image_size
                 assert disc(torch.zeros(2, 3, size, size)).shape[0] == 2
             else:
-                assert d.start_step == (0 if vit else 250_001)
+                assert d.start_step == (0 if vit or name.startswith("mq-vae") else 250_001)
+            # ViT-VQGAN: a fixed adversarial weight; MQ-VAE: 0.75 x adaptive weight, clamped to 1.0
+            assert d.adaptive_weight == (not vit)
+            assert d.adaptive_weight_max == (1.0 if name.startswith("mq-vae") else None)
     assert get_recipe("vit-vqgan-ss").discriminator.r1_weight == 10.0
     assert get_recipe("vim-base").discriminator.model == ""            # priors: no GAN
 
@@ -409,7 +412,8 @@ def test_adaptive_weight_is_tamings_and_gradients_stay_apart(name, compiled):
     from pretrain.recipes import get_recipe
 
     cfg = get_recipe(name)
-    dcfg = dataclasses.replace(cfg.discriminator, start_step=0, lecam_weight=0.1, r1_weight=1.0, r1_every=1)
+    dcfg = dataclasses.replace(cfg.discriminator, start_step=0, lecam_weight=0.1, r1_weight=1.0, r1_every=1,
+                               adaptive_weight=True)    # (the ViT-VQGAN recipes use a fixed weight)
     lcfg = dataclasses.replace(cfg.tokenizer_loss, perceptual=0.0)
     torch.manual_seed(0)
     gen, disc = create_model(cfg.model), build_discriminator(dcfg)
@@ -448,3 +452,43 @@ def test_adaptive_weight_is_tamings_and_gradients_stay_apart(name, compiled):
     late = GANTokenizerObjective(lcfg, dataclasses.replace(dcfg, start_step=5))
     _, m0 = late(models, {"image": x}, 4)
     assert not any(k.startswith("gan/") for k in m0) and not late.active(4) and late.active(5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_adversarial_weight_fixed_and_clamped():
+    """ViT-VQGAN's fixed weight (adaptive_weight=False: exactly tokenizer_loss.adversarial) and
+    MQ-VAE's bound (adaptive_weight_max caps adversarial x adaptive weight, as the official
+    disc_weight_max), each on the generator's loss of the same batch."""
+    import copy
+
+    from model_zoo.registry import create_model
+    from pretrain.gan import GANTokenizerObjective, build_discriminator
+    from pretrain.recipes import get_recipe
+
+    cfg = get_recipe("mq-vae-f8-tiny")
+    base = dataclasses.replace(cfg.discriminator, start_step=0)
+    lcfg = dataclasses.replace(cfg.tokenizer_loss, perceptual=0.0)
+    assert (base.adaptive_weight, base.adaptive_weight_max, lcfg.adversarial) == (True, 1.0, 0.75)
+    torch.manual_seed(0)
+    gen0, disc = create_model(cfg.model, quantizer={"data_init": False}), build_discriminator(base)
+    x = torch.rand(4, 3, gen0.image_size, gen0.image_size) * 2 - 1
+
+    def run(dcfg):
+        gen = copy.deepcopy(gen0)
+        torch.manual_seed(1)
+        loss, m = GANTokenizerObjective(lcfg, dcfg)({"generator": gen, "discriminator": disc}, {"image": x}, 0)
+        return float(loss.detach()), {k: float(v) for k, v in m.items()}
+
+    free_loss, free = run(dataclasses.replace(base, adaptive_weight_max=None))
+    w, g = free["gan/adaptive_weight"], free["gan/g_loss"]
+    assert w > 0 and free["gan/adversarial_weight"] == pytest.approx(0.75 * w, rel=1e-6)
+    cap = 0.5 * 0.75 * w                                 # a bound the product is above
+    capped_loss, capped = run(dataclasses.replace(base, adaptive_weight_max=cap))
+    assert capped["gan/adaptive_weight"] == pytest.approx(w, rel=1e-6)
+    assert capped["gan/adversarial_weight"] == pytest.approx(cap, rel=1e-6)
+    assert capped_loss - free_loss == pytest.approx((cap - 0.75 * w) * g, rel=1e-4, abs=1e-6)
+    _, loose = run(dataclasses.replace(base, adaptive_weight_max=10 * 0.75 * w))   # a bound it is under
+    assert loose["gan/adversarial_weight"] == pytest.approx(0.75 * w, rel=1e-6)
+    fixed_loss, fixed = run(dataclasses.replace(base, adaptive_weight=False, adaptive_weight_max=None))
+    assert fixed["gan/adaptive_weight"] == 1.0 and fixed["gan/adversarial_weight"] == pytest.approx(0.75)
+    assert fixed_loss - free_loss == pytest.approx((0.75 - 0.75 * w) * g, rel=1e-4, abs=1e-6)

@@ -244,6 +244,20 @@ def test_cli_errors_are_one_line(vim_pkg, tmp_path, capsys):
     assert not os.path.exists("x.png")
 
 
+def test_cli_rejection_sampling_and_position_settings(vim_pkg, tmp_path, capsys):
+    """``--accept`` needs ``--classifier``; with the digits judge it keeps num of ceil(num / rate)."""
+    url = vim_pkg[0]
+    out = str(tmp_path / "r.png")
+    assert cli_main(["sample", "--prior", url, "--class", "1", "--num", "2", "--out", out, "--accept", "0.5"]) == 2
+    assert "needs a classifier" in capsys.readouterr().err and not os.path.exists(out)
+    assert cli_main(["sample", "--prior", url, "--class", "1", "--num", "3", "--out", out, "--accept", "0.5",
+                     "--classifier", "digits-judge", "--position-top-k", "10", "--position-top-p", "0.95"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rejection"]["candidates"] == 6 and len(summary["rejection"]["kept"]) == 3
+    assert summary["sampling"]["position_top_k"] == 10 and summary["sampling"]["position_top_p"] == 0.95
+    assert Image.open(out).size[::-1] == grid_shape(3, 32, 32)
+
+
 def test_sample_seeds_and_conditions(vim_pkg):
     prior, tok = load_prior_with_tokenizer(vim_pkg[0])
     s = SamplingConfig(temperature=1.0)
