@@ -6,7 +6,7 @@ weights, via the resolver):
 
 * codebook usage (distinct codes used over the whole held-out split / codebook size), the
   perplexity of the code histogram;
-* reconstruction MSE and PSNR, and tokens per image.
+* reconstruction MSE, PSNR and SSIM (evals.reconstruction.ssim on [0, 1] images), and tokens per image.
 
 Variants (``--variants``, default all): on the CNN VQGAN f8 backbone at 64 px (8x8 tokens, 64 codes)
 
@@ -15,9 +15,11 @@ Variants (``--variants``, default all): on the CNN VQGAN f8 backbone at 64 px (8
 * ``vq-restart``: the same with dead-code restarts and ``data_init`` (what vqscale does by default;
   restarts reach DeepSpeed's master copy, pretrain/engine.py ``apply_row_writes``);
 * ``vq-factorized-l2``: ViT-VQGAN's factorized 8-d l2-normalized codes (no restart);
+* ``vq-data-init``: plain VQ with ``data_init`` and no restarts (Reg-VQ's pair);
 * ``regvq``: Regularized VQ (prior KL at weight 0.03, 40% stochastic mask, ``p(k | z)`` at
-  temperature 0.1 in codebook-spread units: the regvq-f16 preset's settings; the probabilistic
-  contrastive term needs pretrained VGG-19 weights, not available offline: left out);
+  temperature 0.1 in codebook-spread units: the regvq-f16 preset's settings) with ``data_init``
+  and no restarts; ``regvq-taming-init`` the same from taming's +-1/K codebook init. The
+  probabilistic contrastive term needs pretrained VGG-19 weights, not available offline: left out;
 * ``gumbel``: Gumbel-softmax quantization alone (relaxed one-hot, annealed temperature), the
   comparison the Reg-VQ paper draws;
 * ``simvq``, ``fsq``, ``lfq``: the codebooks that reach full use (presets vqgan-f8-simvq-tiny,
@@ -37,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -52,10 +55,17 @@ VARIANTS = {
     "vq-restart": ("vqgan-f8-tiny", {"quantizer": {"restart_dead": True, "data_init": True}}, {}),
     "vq-factorized-l2": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "factorized": True, "l2_normalize": True,
                                                          "dim": 8}}, {}),
-    # the regvq-f16 preset's quantizer settings and the regvq loss preset's KL weight, on the f8 backbone
-    "regvq": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "prior_kl": True, "stochastic_mask_ratio": 0.4,
-                                              "prior_temperature": 0.1}},
+    # plain VQ with vqscale's data-dependent init but no restarts: what Reg-VQ is compared with
+    "vq-data-init": ("vqgan-f8-tiny", {"quantizer": {"restart_dead": False, "data_init": True}}, {}),
+    # the regvq-f16 preset's quantizer settings and the regvq loss preset's KL weight, on the f8
+    # backbone, without restarts (what keeps codes in use is the prior KL), with the data init
+    "regvq": ("vqgan-f8-tiny", {"quantizer": {"restart_dead": False, "data_init": True, "prior_kl": True,
+                                              "stochastic_mask_ratio": 0.4, "prior_temperature": 0.1}},
               {"tokenizer_loss.prior_kl": 0.03}),
+    # the same from taming's +-1/K init (no data init): the paper's setting
+    "regvq-taming-init": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "prior_kl": True, "stochastic_mask_ratio": 0.4,
+                                                          "prior_temperature": 0.1}},
+                          {"tokenizer_loss.prior_kl": 0.03}),
     # Gumbel-only quantization (DALL-E's relaxed one-hot, annealed temperature): Reg-VQ's comparison
     "gumbel": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "kind": "gumbel"}}, {}),
     "simvq": ("vqgan-f8-simvq-tiny", {}, {}),
@@ -90,6 +100,9 @@ def _train(name: str, model: str, model_args: dict, sets: dict, args, data: str,
     elif "discriminator" in cfg.__dataclass_fields__:
         overrides += ["discriminator.model="]
     cfg = apply_overrides(cfg, overrides)
+    # From scratch: the Trainer would resume a finished run of the same name (from an earlier
+    # invocation with other settings) and report its old model.
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
     t0 = time.time()
     res = Trainer(cfg, progress=False).fit()
     return cfg.run_dir, time.time() - t0, res
@@ -106,8 +119,10 @@ def _evaluate(run_dir: str, val: str, batch: int = 64) -> dict:
     tok = load_package(as_package(run_dir, kind="tokenizer")).eval()
     loader = image_loader(DataConfig(url=val, resolution=tok.image_size, crop="center", num_workers=0),
                           batch, max_epochs=1, world_size=1, rank=0)
+    from evals.reconstruction import ssim
+
     hist = torch.zeros(tok.codebook_size, dtype=torch.float64)
-    se, n, tokens = 0.0, 0, 0
+    se, ss, n, tokens = 0.0, 0.0, 0, 0
     with torch.no_grad():
         for b in loader:
             x = b["image"]
@@ -115,6 +130,7 @@ def _evaluate(run_dir: str, val: str, batch: int = 64) -> dict:
             hist += torch.bincount(t.codes.flatten(), minlength=tok.codebook_size).double()
             recon = tok.decode(t.codes, t.positions).clamp(-1, 1)
             se += ((recon - x) ** 2).mean(dim=(1, 2, 3)).sum().item()
+            ss += ssim((recon + 1) / 2, (x + 1) / 2, data_range=1.0).sum().item()
             n += len(x)
             tokens = t.codes.shape[1]
     p = hist / hist.sum()
@@ -122,7 +138,8 @@ def _evaluate(run_dir: str, val: str, batch: int = 64) -> dict:
     return {"images": n, "tokens_per_image": tokens, "codebook_size": tok.codebook_size,
             "codes_used": int((hist > 0).sum()), "usage": float((hist > 0).float().mean()),
             "perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())),
-            "mse": mse, "psnr": 10 * math.log10(4.0 / mse)}   # images span [-1, 1]: peak-to-peak 2
+            "mse": mse, "psnr": 10 * math.log10(4.0 / mse),   # images span [-1, 1]: peak-to-peak 2
+            "ssim": ss / n}
 
 
 def main(argv=None) -> int:
@@ -135,6 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--adversarial", action="store_true", help="also train each variant with the GAN term")
     ap.add_argument("--work", default="runs/claims", help="run directories and the demo data go here")
     ap.add_argument("--out", default="benchmarks/results/claims.json")
+    ap.add_argument("--small", action="store_true",
+                    help="CI's form: the quick demo data (figures meaningless; checks the script runs)")
     args = ap.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from data_pipeline import storage
@@ -142,7 +161,7 @@ def main(argv=None) -> int:
 
     data, val = os.path.join(args.work, "data"), os.path.join(args.work, "data-holdout")
     if not storage.exists(os.path.join(val, "manifest.json")):
-        build_demo(data, holdout=val, progress=False)
+        build_demo(data, quick=args.small, holdout=val, progress=False)
     rows = []
     seeds = [int(x) for x in args.seeds.split(",")]
     for name in args.variants.split(","):
@@ -155,23 +174,24 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     summary = _summary(rows)
-    print(f"\n{'variant':<18}{'adv':>4}{'seeds':>6}{'tokens':>7}{'usage':>15}{'perplexity':>15}{'PSNR dB':>15}")
+    print(f"\n{'variant':<18}{'adv':>4}{'seeds':>6}{'tokens':>7}{'usage':>15}{'perplexity':>15}{'PSNR dB':>15}"
+          f"{'SSIM':>15}")
     for r in summary:
         print(f"{r['variant']:<18}{'yes' if r['adversarial'] else 'no':>4}{r['seeds']:>6}{r['tokens_per_image']:>7}"
-              + "".join(f"{r[k][0]:>9.3g}-{r[k][1]:<5.3g}" for k in ("usage", "perplexity", "psnr")))
+              + "".join(f"{r[k][0]:>9.3g}-{r[k][1]:<5.3g}" for k in ("usage", "perplexity", "psnr", "ssim")))
     write_json(args.out, {"args": vars(args), "rows": rows, "summary": summary})
     return 0
 
 
 def _summary(rows: list[dict]) -> list[dict]:
-    """One row per (variant, adversarial): the [min, max] over seeds of usage, perplexity and PSNR."""
+    """One row per (variant, adversarial): the [min, max] over seeds of usage, perplexity, PSNR and SSIM."""
     out: dict[tuple, dict] = {}
     for r in rows:
         key = (r["variant"], r["adversarial"])
         s = out.setdefault(key, {"variant": r["variant"], "adversarial": r["adversarial"], "seeds": 0,
                                  "tokens_per_image": r["tokens_per_image"]})
         s["seeds"] += 1
-        for k in ("usage", "perplexity", "psnr"):
+        for k in ("usage", "perplexity", "psnr", "ssim"):
             lo, hi = s.get(k, (r[k], r[k]))
             s[k] = (min(lo, r[k]), max(hi, r[k]))
     return list(out.values())

@@ -109,3 +109,20 @@ def test_loader_benchmark_small_form_delivers_every_image(tmp_path):
         if mode != "bare":      # the loader's count starts after its first batch (start-up timed apart)
             assert row["images"] == 120 - 16 and row["defects"] == 0, (mode, row)
     assert r["loader_vs_bare"] > 0 and r["s3_vs_local"] > 0
+
+
+def test_claims_benchmark_trains_and_measures_each_kind_of_quantizer(tmp_path):
+    """``bench_claims.py --small``: a few steps of a restarted VQ, Reg-VQ and FSQ through the real
+    Trainer, measured on the held-out split (the figures of benchmarks/RESULTS.md come from this
+    script at --steps 150); a fresh run each time even when a run of that name exists."""
+    args = ("--steps", "3", "--seeds", "0", "--variants", "vq-restart,regvq,fsq", "--work", str(tmp_path / "w"))
+    out = str(tmp_path / "claims.json")
+    r = _bench("bench_claims.py", out, *args)
+    assert [(row["variant"], row["seed"]) for row in r["rows"]] == [("vq-restart", 0), ("regvq", 0), ("fsq", 0)]
+    for row in r["rows"]:
+        assert row["images"] > 0 and row["tokens_per_image"] == 64 and row["codebook_size"] == 64, row
+        assert 1 <= row["codes_used"] <= 64 and 1.0 <= row["perplexity"] <= 64.0, row
+        assert math.isfinite(row["psnr"]) and -1.0 <= row["ssim"] <= 1.0, row
+    assert {s["variant"] for s in r["summary"]} == {"vq-restart", "regvq", "fsq"}
+    again = _bench("bench_claims.py", out, *args)          # the same runs again: trained anew, not resumed
+    assert all(row["final_train_loss"] is not None for row in again["rows"]), again["rows"]
