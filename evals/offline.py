@@ -54,7 +54,8 @@ def _headline(gen: dict, rec: dict, probe: dict, out: dict[str, str]) -> dict[st
     return {
         "digits_class_accuracy": gen.get("class_accuracy"), "digits_fid": gen.get("digits_fid"),
         "holdout_psnr": rec.get("psnr"), "holdout_ssim": rec.get("ssim"),
-        "codebook_usage": cb.get("usage"), "codebook_perplexity": cb.get("perplexity"),
+        "codebook_usage": cb.get("usage"), "codebook_used": cb.get("used_codes"),
+        "codebook_size": cb.get("codebook_size"), "codebook_perplexity": cb.get("perplexity"),
         "probe_best_layer": probe.get("best_layer"), "probe_best_top1": probe.get("best_top1"),
         "probe_pixel_baseline": (probe.get("pixel_baseline") or {}).get("top1"), "files": out,
     }

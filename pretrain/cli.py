@@ -275,6 +275,19 @@ def _zoo(args) -> int:
     raise AssertionError(args.zoo_verb)
 
 
+def _demo_closing_line(m: dict) -> str:
+    """The demo's last line: the numbers the README's table reports, held-out codebook usage first
+    (a tokenizer that collapsed shows here, not only in TensorBoard)."""
+    def f(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    used = (f"{m['codebook_used']} of {m['codebook_size']} codes ({f(m['codebook_usage'], '.0%')})"
+            if m.get("codebook_used") is not None else f(m.get("codebook_usage"), ".0%"))
+    return (f"[demo] held-out codebook usage {used}, perplexity {f(m.get('codebook_perplexity'), '.1f')}; "
+            f"PSNR {f(m.get('holdout_psnr'), '.2f')} dB, SSIM {f(m.get('holdout_ssim'), '.3f')}; "
+            f"digits class accuracy {f(m.get('digits_class_accuracy'), '.2f')}, judge FID {f(m.get('digits_fid'), '.1f')}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -298,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             storage.write_json(storage.join(result["run_dir"], "demo_summary.json"), result)
             print("[demo] offline metrics (no downloaded weights; JSON and plots in "
                   f"{' and '.join(metrics['files'].values())}):\n" + json.dumps(metrics, indent=2), flush=True)
+            print(_demo_closing_line(metrics), flush=True)
             return 0
         if args.verb == "data":
             return _data(args)

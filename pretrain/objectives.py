@@ -79,10 +79,31 @@ from model_zoo.interfaces import TokenizerOutput
 from model_zoo.sampling import SamplingConfig, sample_seeds
 
 __all__ = ["TokenizerLossConfig", "PriorLossConfig", "TokenizerObjective", "PriorObjective",
-           "CaptionTokenizer", "build_objective", "unwrap", "COLLAPSE_METRIC", "LOSS_PRESETS"]
+           "CaptionTokenizer", "build_objective", "unwrap", "COLLAPSE_METRIC", "CollapseWatch", "LOSS_PRESETS"]
 
 COLLAPSE_METRIC = "codebook/collapse_warning"   # 1.0 when codebook usage is below the threshold
 _LN2 = math.log(2.0)
+
+
+class CollapseWatch:
+    """When to warn about codebook collapse: the flag (:data:`COLLAPSE_METRIC`) set at ``persist``
+    consecutive log points, then at most once per ``every`` steps while it stays set.
+
+    One flagged log point is not collapse. The first training step measures the initial codebook
+    (random codes that ``data_init`` replaces after that very step; a fresh FSQ/LFQ projection whose
+    outputs all round to one code), and one batch can dip; a collapsed codebook stays collapsed, so
+    it is still reported, one log interval later."""
+
+    def __init__(self, every: int, persist: int = 2):
+        self.every, self.persist = every, persist
+        self._streak, self._warned = 0, -10**9
+
+    def update(self, step: int, flagged: bool) -> bool:
+        self._streak = self._streak + 1 if flagged else 0
+        if self._streak >= self.persist and step - self._warned >= self.every:
+            self._warned = step
+            return True
+        return False
 
 
 def unwrap(model: nn.Module) -> nn.Module:

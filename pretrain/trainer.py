@@ -61,7 +61,7 @@ from .distributed import init_distributed, process_stop_flag, setup_rank_logging
 from .engine import EMA, build_engine, gradient_accumulation_steps
 from .flops import flops_at_step, peak_flops, step_flops_per_sample
 from .metrics import MetricLogger, update_status
-from .objectives import COLLAPSE_METRIC, CaptionTokenizer, build_objective
+from .objectives import COLLAPSE_METRIC, CaptionTokenizer, CollapseWatch, build_objective
 from .recipes import RunConfig
 from .repro import run_metadata, seed_everything
 
@@ -222,7 +222,7 @@ class Trainer:
         if cfg.validation.url:
             self.val_loader, _ = self._make_loader(cfg.validation.url, self.micro, cfg.seed + 1, 0)
             self.val_state = self.val_loader.state_dict()
-        self._collapse_warned = -10**9
+        self._collapse = CollapseWatch(every=10 * cfg.log.every)
         self.counters = {"skipped_steps": 0, "consecutive_skips": 0, "nonfinite_losses": 0}
         self._pending: dict[str, torch.Tensor] = {}     # counter -> device count not yet added
         if self.gan:
@@ -598,8 +598,7 @@ class Trainer:
         if peak is not None:
             out["mfu"] = window["flops"] / dt / peak
         out.update(self._memory())
-        if out.get(COLLAPSE_METRIC, 0.0) > 0 and self.step - self._collapse_warned >= 10 * self.cfg.log.every:
-            self._collapse_warned = self.step
+        if self._collapse.update(self.step, out.get(COLLAPSE_METRIC, 0.0) > 0):
             log.warning("step %d: codebook collapse: %.1f%% of the codes the batch could use are in use",
                         self.step, 100 * out.get("codebook/usage_of_possible", float("nan")))
         self.logger.scalars(self.step, out)

@@ -126,3 +126,29 @@ def test_claims_benchmark_trains_and_measures_each_kind_of_quantizer(tmp_path):
     assert {s["variant"] for s in r["summary"]} == {"vq-restart", "regvq", "fsq"}
     again = _bench("bench_claims.py", out, *args)          # the same runs again: trained anew, not resumed
     assert all(row["final_train_loss"] is not None for row in again["rows"]), again["rows"]
+
+
+def test_prior_claims_benchmark_compares_stackformer_with_vim(tmp_path):
+    """``bench_prior_claims.py --small``: a VQGAN + VIM and an MQ-VAE (keep 0.25) + Stackformer, each
+    stage a few steps through the real Trainer and the tokenize job, then held-out bits per image and
+    KV-cached sampling time per image of both priors (figures meaningless at this budget)."""
+    r = _bench("bench_prior_claims.py", str(tmp_path / "prior_claims.json"), "--seeds", "0", "--work",
+               str(tmp_path / "w"))
+    rows = {row["side"]: row for row in r["rows"]}
+    assert [(row["side"], row["seed"]) for row in r["rows"]] == [("vim", 0), ("stackformer", 0)]
+    vim, sf = rows["vim"], rows["stackformer"]
+    assert vim["tokens_per_image"] == vim["tokenizer_tokens_per_image"] == 64 and vim["position_bits_per_image"] == 0
+    assert sf["tokens_per_image"] == sf["tokenizer_tokens_per_image"] == 16 and sf["keep_ratio"] == 0.25
+    for row in (vim, sf):
+        assert row["heldout_images"] > 0 and row["prior_params"] > 0 and row["prior_final_loss"] is not None, row
+        for k in ("bits_per_image", "bits_per_token", "code_bits_per_image", "sample_s_per_image", "tokenizer_psnr"):
+            assert math.isfinite(row[k]) and row[k] > 0, (row["side"], k, row[k])
+        assert math.isclose(row["bits_per_image"], row["code_bits_per_image"] + row["position_bits_per_image"])
+        assert math.isclose(row["bits_per_token"] * row["tokens_per_image"], row["bits_per_image"])
+        # an untrained prior is near uniform: about log2(64) = 6 bits per code, far below 20
+        assert 1 < row["code_bits_per_image"] / row["tokens_per_image"] < 20, row
+    # Stackformer's positions: between 0 and 20 bits each, masked to the positions that can come next
+    assert 0 < sf["position_bits_per_image"] < 20 * 16 and sf["uniform_position_bits"] > 0
+    assert {s["side"] for s in r["summary"]["sides"]} == {"vim", "stackformer"}
+    claim = r["summary"]["claim"]
+    assert len(claim["stackformer_fewer_bits_per_image"]) == 1 and isinstance(claim["direction_holds"], bool)

@@ -66,17 +66,27 @@ def test_demo_quick_end_to_end_and_resume(demo):
     assert grid.size == (8 * 34 + 2, 20 * 34 + 2)
     # the offline metrics it ends with: the digits judge recognises the requested digit well above
     # chance (10%), the probe and pixel baseline ran, JSON and plots are written
-    # Floors well below the range measured over seeds (README: accuracy 0.49-0.53, usage 0.78-0.81,
-    # PSNR 18.9-19.3 dB) but far from what a collapsed tokenizer gave (accuracy 0.14, 4 of 64 codes,
-    # 15.5 dB on another machine): they catch collapse, not a machine's rounding.
+    # Floors well below the range measured over seeds (README) but far from what a collapsed
+    # tokenizer gave (accuracy 0.14, 4 of 64 codes, 15.5 dB on another machine): they catch
+    # collapse, not a machine's rounding.
     ev = summary["evals"]
     assert ev["digits_class_accuracy"] > 0.3 and ev["digits_fid"] > 0, ev
-    assert ev["holdout_psnr"] > 17 and 0.5 < ev["codebook_usage"] <= 1 and ev["probe_pixel_baseline"] > 0.5, ev
+    assert ev["holdout_psnr"] > 17 and ev["probe_pixel_baseline"] > 0.5, ev
+    # The tokenizer does not collapse (issue 19): held-out usage was 73% (47 of 64) with the
+    # preset's 100-step usage horizon and 64 of 64 with the demo's 10-step one (README: the range
+    # over seeds); the floor sits below every measured seed and above the old value. Nor does
+    # training warn of collapse (a collapse that persists over two log points, CollapseWatch).
+    assert 0.8 < ev["codebook_usage"] <= 1, ev
+    assert "codebook collapse" not in first.stdout + first.stderr
     for stage, name in (("prior", "generation.json"), ("prior", "generation_grid.png"), ("prior", "linear_probe.json"),
                         ("prior", "linear_probe.png"), ("tokenizer", "reconstruction.json"), ("prior", "tb"),
                         ("tokenizer", "tb")):
         assert (run / stage / "evals" / name).exists(), (stage, name)
     assert "[demo] offline metrics" in first.stdout
+    # its last line: held-out usage as codes of the codebook, then the other offline figures
+    last = first.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"[demo] held-out codebook usage {ev['codebook_used']} of {ev['codebook_size']} codes"), last
+    assert "PSNR" in last and "digits class accuracy" in last, last
     # a second run resumes rather than redoes
     second = subprocess.run(_CMD, cwd=tmp_path, env=_ENV, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
     assert second.returncode == 0, second.stderr[-5000:]

@@ -17,7 +17,7 @@ from data_pipeline.codes import collate_codes
 from model_zoo import losses as L
 from model_zoo.registry import create_model
 from model_zoo.text_encoders import to_cached_batch
-from pretrain.objectives import (COLLAPSE_METRIC, CaptionTokenizer, PriorLossConfig, PriorObjective,
+from pretrain.objectives import (COLLAPSE_METRIC, CaptionTokenizer, CollapseWatch, PriorLossConfig, PriorObjective,
                                  TokenizerLossConfig, TokenizerObjective, build_objective, distance_grid)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,6 +212,18 @@ def test_adversarial_hook():
     added = cfg.adversarial * float(m["adaptive_weight"]) * float(m["loss/g"])
     assert float(loss.detach()) == pytest.approx(float(base.detach()) + added, rel=1e-5)
     assert float(m["loss"]) == pytest.approx(float(loss.detach()))
+
+
+def test_collapse_is_reported_when_it_persists_not_on_one_log_point():
+    w = CollapseWatch(every=50)
+    # step 1 measures the initial codebook (data_init replaces it right after): not a warning
+    assert [w.update(s, f) for s, f in ((1, True), (5, False), (10, False))] == [False, False, False]
+    # a collapse that stays: reported at its second log point, then once per 50 steps
+    got = [s for s in range(15, 200, 5) if w.update(s, True)]
+    assert got == [20, 70, 120, 170], got
+    # it recovers, then collapses again: reported again once it persists
+    assert not w.update(200, False) and not w.update(205, True) and w.update(210, True) is False   # within 50 of 170
+    assert w.update(225, True)
 
 
 def test_collapse_warning_and_distance_grid():
