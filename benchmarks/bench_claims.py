@@ -30,7 +30,9 @@ on the tiny ViT-VQGAN (``vit-vqgan-ss-tiny`` at its 32 px, patch 4: 8x8 tokens) 
 
 * ``vit-l2-8d``: ViT-VQGAN's factorized 8-d l2-normalized codes, ``vit-no-l2``: the same 8-d codes
   without l2 normalization, ``vit-full-width``: unfactorized 64-d raw codes; none restarts dead
-  codes or initialises from data (the paper does neither);
+  codes or initialises from data (the paper does neither); ``vit-l2-8d-restart``: the 8-d l2 codes
+  with vqscale's dead-code restarts, ``data_init`` and the demo's usage decay 0.9;
+  ``vit-no-l2-restart`` and ``vit-full-width-restart`` the other two geometries with the same;
 * ``vit-simvq``, ``vit-fsq`` (levels (4, 4, 4, 4, 4)), ``vit-lfq`` (10 bits): the modern codebooks
   on the same ViT, 1024 codes each;
 
@@ -89,6 +91,16 @@ VARIANTS = {
                   {}),
     "vit-full-width": (VIT, {"quantizer": {**VIT_Q, **NO_RESTART, "factorized": False, "l2_normalize": False,
                                            "dim": 64}}, {}),
+    # vqscale's answer on the same ViT: the 8-d l2 codes with dead-code restarts, data_init and the
+    # demo's 10-step usage horizon (pretrain/demo.py, tokenizer_usage_decay)
+    "vit-l2-8d-restart": (VIT, {"quantizer": {**VIT_Q, "restart_dead": True, "data_init": True, "decay": 0.9,
+                                              "factorized": True, "l2_normalize": True, "dim": 8}}, {}),
+    # the two other geometries with the same restarts: what factorization and l2 do once the
+    # fresh encoder's collapse (all variants above, RESULTS.md) is taken out of the comparison
+    "vit-no-l2-restart": (VIT, {"quantizer": {**VIT_Q, "restart_dead": True, "data_init": True, "decay": 0.9,
+                                              "factorized": True, "l2_normalize": False, "dim": 8}}, {}),
+    "vit-full-width-restart": (VIT, {"quantizer": {**VIT_Q, "restart_dead": True, "data_init": True, "decay": 0.9,
+                                                   "factorized": False, "l2_normalize": False, "dim": 64}}, {}),
     # the codebooks the field now uses, on the same ViT at 1024 codes
     "vit-simvq": (VIT, {"quantizer": {**VIT_Q, "simvq": True, "factorized": True, "l2_normalize": False,
                                       "dim": 32}}, {}),
