@@ -56,7 +56,7 @@ from torch import nn
 from data_pipeline import storage
 
 from . import checkpoint as ckpt
-from .config import to_dict, write_resolved
+from .config import ConfigError, to_dict, write_resolved
 from .distributed import init_distributed, process_stop_flag, setup_rank_logging
 from .engine import EMA, build_engine, gradient_accumulation_steps
 from .flops import flops_at_step, peak_flops, step_flops_per_sample
@@ -160,6 +160,7 @@ class Trainer:
         self.cfg = dataclasses.replace(cfg, run_dir=cfg.resolved_run_dir())
         self.progress = cfg.log.progress if progress is None else progress
         self.run_dir = self.cfg.run_dir
+        _check_init_from(cfg.checkpoint.init_from)
 
     # -- setup ----------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -617,6 +618,15 @@ class Trainer:
                        on_trace_ready=tensorboard_trace_handler(folder, worker_name=f"rank{self.rank}"))
         prof.start()
         return prof
+
+
+def _check_init_from(url: str) -> None:
+    """A warm start that would load nothing is a config error, found before anything starts (a
+    mistyped path or a file that is not a checkpoint used to train from scratch after logging
+    "warm start from ...")."""
+    if url and ckpt.resolve_step_url(url) is None:
+        raise ConfigError(f"checkpoint.init_from={url!r}: no checkpoint there; give a run directory (its "
+                          "checkpoints/latest), its checkpoints/ folder or a step folder (step_NNNNNNNN)")
 
 
 def run_train(recipe: str, overrides=(), run_dir: str | None = None, resume: bool = True) -> TrainResult:

@@ -387,6 +387,39 @@ def test_run_directory_and_step_folder_resolve_to_packages(tmp_path):
     assert tokenizer.registry_name == "vqgan-f8-tiny"
 
 
+def test_warm_start_loads_weights_and_a_warm_start_from_nothing_stops_with_one_line(tmp_path):
+    """``checkpoint.init_from``: the weights of another run, or exit 2 with one line before anything
+    starts (issue 20: a mistyped path and a pickle both trained from scratch, exit 0)."""
+    import pickle
+
+    from model_zoo.package import save_package
+    from model_zoo.registry import create_model
+
+    data = make_codes(str(tmp_path / "codes"), shards=2, per_shard=16)
+    tok = str(tmp_path / "tok")
+    save_package(create_model("vqgan-f8-tiny"), tok)
+    sets = _prior_sets(data, 4, every=4, workers=0) + ["--set", f"tokenizer={tok}"]
+    src, warm = str(tmp_path / "src"), str(tmp_path / "warm")
+    out = subprocess.run(_train_cmd("vim-small-tiny", src, sets), env=_env(), cwd=_ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    out = subprocess.run(_train_cmd("vim-small-tiny", warm, sets + ["--set", f"checkpoint.init_from={src}"]),
+                         env=_env(), cwd=_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    # Same seed and batches: a warm start that loaded nothing has exactly the fresh run's first loss.
+    assert _losses(warm)[1] != _losses(src)[1] and _losses(warm)[1] < _losses(src)[1], (_losses(src), _losses(warm))
+    junk = tmp_path / "weights.pkl"
+    junk.write_bytes(pickle.dumps({"w": [1.0]}))
+    for bad in (str(tmp_path / "no-such-run"), str(junk)):
+        run = tmp_path / "bad"
+        out = subprocess.run(_train_cmd("vim-small-tiny", str(run), sets + ["--set", f"checkpoint.init_from={bad}"]),
+                             env=_env(), cwd=_ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, (out.returncode, out.stderr[-4000:])
+        lines = out.stderr.strip().splitlines()
+        assert lines[-1].startswith(f"vqscale: error: checkpoint.init_from={bad!r}: no checkpoint there"), lines
+        assert "Traceback" not in out.stderr and not (run / "config.json").exists()   # stopped before the run began
+
+
 if __name__ == "__main__":          # the torchrun job of the 2-process test
     from pretrain.distributed import init_distributed
 
