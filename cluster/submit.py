@@ -156,8 +156,10 @@ def _train_task(argv: list[str], ns: argparse.Namespace, world: int) -> Task:
     from pretrain.config import apply_overrides, to_dict
     from pretrain.engine import gradient_accumulation_steps
     from pretrain.recipes import get_recipe
+    from pretrain.trainer import check_model_args
 
     cfg = apply_overrides(get_recipe(ns.recipe), list(ns.overrides))
+    check_model_args(cfg)
     run_dir = ns.run_dir or cfg.resolved_run_dir()
     if not _is_remote(run_dir):
         run_dir = os.path.abspath(run_dir)

@@ -113,6 +113,21 @@ def model_from_config(cfg: RunConfig, derived: dict[str, Any] | None = None, dev
         return create_model(cfg.model, **args)
 
 
+def check_model_args(cfg: RunConfig) -> None:
+    """``model_args`` that the preset's config does not take (a mistyped ``--set model_args.X=``)
+    or rejects: a config error naming the preset, found by building it on the meta device before
+    anything starts (it was a TypeError from inside the run's setup, after the process group)."""
+    if not cfg.model_args:
+        return
+    from model_zoo.registry import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(cfg.model, **_tuples(dict(cfg.model_args)))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model_args {json.dumps(cfg.model_args)} for model {cfg.model!r}: {e}") from None
+
+
 def _or_nonfinite(flag: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor:
     bad = ~torch.isfinite(loss.detach()).all()
     return bad if flag is None else flag | bad
@@ -160,6 +175,7 @@ class Trainer:
         self.cfg = dataclasses.replace(cfg, run_dir=cfg.resolved_run_dir())
         self.progress = cfg.log.progress if progress is None else progress
         self.run_dir = self.cfg.run_dir
+        check_model_args(cfg)
         _check_init_from(cfg.checkpoint.init_from)
 
     # -- setup ----------------------------------------------------------------------------------

@@ -106,6 +106,13 @@ def test_dry_run_of_an_array_and_bad_submissions(tmp_path, monkeypatch, capsys):
     rc, _, err = _dry(capsys, "--cluster", "slurm", "--dry-run", "--", "train", "--recipe", "vim-base",
                       "--set", "optim.lrr=1")
     assert rc == 2 and "optim.lrr" in err and "optim.lr" in err
+    # a model_args key the preset's config does not have (it failed inside the job, after queueing)
+    rc, _, err = _dry(capsys, "--cluster", "slurm", "--dry-run", "--", "train", "--recipe", "vim-base",
+                      "--set", "model_args.foo=1")
+    assert rc == 2 and "'vim-base'" in err and "foo" in err and len(err.strip().splitlines()) == 1, err
+    rc, _, err = _dry(capsys, "--cluster", "slurm", "--dry-run", "--", "train", "--recipe", "vit-vqgan-bb",
+                      "--set", "model_args.quantizer.codebok_size=1024")
+    assert rc == 2 and "codebok_size" in err and len(err.strip().splitlines()) == 1, err
     rc, _, err = _dry(capsys, "--cluster", "slurm", "--nodes", "3", "--gpus-per-node", "7", "--dry-run", "--",
                       "train", "--recipe", "vim-base")
     assert rc == 2 and "not a multiple" in err and "world size 21" in err

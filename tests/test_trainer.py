@@ -418,6 +418,14 @@ def test_warm_start_loads_weights_and_a_warm_start_from_nothing_stops_with_one_l
         lines = out.stderr.strip().splitlines()
         assert lines[-1].startswith(f"vqscale: error: checkpoint.init_from={bad!r}: no checkpoint there"), lines
         assert "Traceback" not in out.stderr and not (run / "config.json").exists()   # stopped before the run began
+    # a model_args key the preset does not have: the same, naming the preset and the key
+    run = tmp_path / "bad-args"
+    out = subprocess.run(_train_cmd("vim-small-tiny", str(run), sets + ["--set", "model_args.foo=1"]),
+                         env=_env(), cwd=_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, (out.returncode, out.stderr[-4000:])
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("vqscale: error: model_args") and "'vim-small-tiny'" in last and "foo" in last, last
+    assert "Traceback" not in out.stderr and not (run / "config.json").exists()
 
 
 if __name__ == "__main__":          # the torchrun job of the 2-process test
