@@ -58,10 +58,24 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from benchmarks.report import write_json  # noqa: E402
+from benchmarks.report import seed_ranges, write_json  # noqa: E402
+from model_zoo.vqgan import REGVQ_F16  # noqa: E402
+from pretrain.objectives import LOSS_PRESETS  # noqa: E402
 
 NO_RESTART = {"restart_dead": False, "data_init": False}
+# Regularized VQ as the regvq-f16 preset and the regvq loss preset set it (model_zoo/vqgan.py)
+REGVQ_Q = {k: getattr(REGVQ_F16.quantizer, k) for k in ("prior_kl", "stochastic_mask_ratio", "prior_temperature")}
+REGVQ_SETS = {"tokenizer_loss.prior_kl": LOSS_PRESETS["regvq"]["prior_kl"]}
+# ViT-VQGAN's claim (sec. 3.2: factorized low-d l2-normalized codes, 96% vs 4% usage at 8192 codes)
+# on the tiny ViT (32 px, patch 4: 8x8 tokens) with 1024 codes: its 8-d l2 codes, the same 8-d codes
+# without l2, and full-width (64-d) raw codes; each without restarts (the paper has none) and with
+# vqscale's restarts, data_init and the demo's 10-step usage horizon (pretrain/demo.py,
+# tokenizer_usage_decay), which take the fresh encoder's collapse out of the comparison (RESULTS.md)
 VIT, VIT_Q = "vit-vqgan-ss-tiny", {"codebook_size": 1024}
+VIT_RESTART = {"restart_dead": True, "data_init": True, "decay": 0.9}
+VIT_GEOMETRIES = {"l2-8d": {"factorized": True, "l2_normalize": True, "dim": 8},
+                  "no-l2": {"factorized": True, "l2_normalize": False, "dim": 8},
+                  "full-width": {"factorized": False, "l2_normalize": False, "dim": 64}}
 VARIANTS = {
     "vq-plain": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART}}, {}),
     "vq-restart": ("vqgan-f8-tiny", {"quantizer": {"restart_dead": True, "data_init": True}}, {}),
@@ -69,38 +83,17 @@ VARIANTS = {
                                                          "dim": 8}}, {}),
     # plain VQ with vqscale's data-dependent init but no restarts: what Reg-VQ is compared with
     "vq-data-init": ("vqgan-f8-tiny", {"quantizer": {"restart_dead": False, "data_init": True}}, {}),
-    # the regvq-f16 preset's quantizer settings and the regvq loss preset's KL weight, on the f8
-    # backbone, without restarts (what keeps codes in use is the prior KL), with the data init
-    "regvq": ("vqgan-f8-tiny", {"quantizer": {"restart_dead": False, "data_init": True, "prior_kl": True,
-                                              "stochastic_mask_ratio": 0.4, "prior_temperature": 0.1}},
-              {"tokenizer_loss.prior_kl": 0.03}),
-    # the same from taming's +-1/K init (no data init): the paper's setting
-    "regvq-taming-init": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "prior_kl": True, "stochastic_mask_ratio": 0.4,
-                                                          "prior_temperature": 0.1}},
-                          {"tokenizer_loss.prior_kl": 0.03}),
+    # Reg-VQ on the f8 backbone without restarts (what keeps codes in use is the prior KL), with the
+    # data init; and from taming's +-1/K init (no data init): the paper's setting
+    "regvq": ("vqgan-f8-tiny", {"quantizer": {"restart_dead": False, "data_init": True, **REGVQ_Q}}, REGVQ_SETS),
+    "regvq-taming-init": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, **REGVQ_Q}}, REGVQ_SETS),
     # Gumbel-only quantization (DALL-E's relaxed one-hot, annealed temperature): Reg-VQ's comparison
     "gumbel": ("vqgan-f8-tiny", {"quantizer": {**NO_RESTART, "kind": "gumbel"}}, {}),
     "simvq": ("vqgan-f8-simvq-tiny", {}, {}),
     "fsq": ("vqgan-f8-fsq-tiny", {}, {}),
     "lfq": ("vqgan-f8-lfq-tiny", {}, {}),
-    # ViT-VQGAN's claim (sec. 3.2: factorized low-d l2-normalized codes, 96% vs 4% usage at 8192
-    # codes) on the tiny ViT (32 px, patch 4: 8x8 tokens) with 1024 codes, no restarts (the paper
-    # has none): its 8-d l2 codes, the same 8-d codes without l2, and full-width (64-d) raw codes
-    "vit-l2-8d": (VIT, {"quantizer": {**VIT_Q, **NO_RESTART, "factorized": True, "l2_normalize": True, "dim": 8}}, {}),
-    "vit-no-l2": (VIT, {"quantizer": {**VIT_Q, **NO_RESTART, "factorized": True, "l2_normalize": False, "dim": 8}},
-                  {}),
-    "vit-full-width": (VIT, {"quantizer": {**VIT_Q, **NO_RESTART, "factorized": False, "l2_normalize": False,
-                                           "dim": 64}}, {}),
-    # vqscale's answer on the same ViT: the 8-d l2 codes with dead-code restarts, data_init and the
-    # demo's 10-step usage horizon (pretrain/demo.py, tokenizer_usage_decay)
-    "vit-l2-8d-restart": (VIT, {"quantizer": {**VIT_Q, "restart_dead": True, "data_init": True, "decay": 0.9,
-                                              "factorized": True, "l2_normalize": True, "dim": 8}}, {}),
-    # the two other geometries with the same restarts: what factorization and l2 do once the
-    # fresh encoder's collapse (all variants above, RESULTS.md) is taken out of the comparison
-    "vit-no-l2-restart": (VIT, {"quantizer": {**VIT_Q, "restart_dead": True, "data_init": True, "decay": 0.9,
-                                              "factorized": True, "l2_normalize": False, "dim": 8}}, {}),
-    "vit-full-width-restart": (VIT, {"quantizer": {**VIT_Q, "restart_dead": True, "data_init": True, "decay": 0.9,
-                                                   "factorized": False, "l2_normalize": False, "dim": 64}}, {}),
+    **{f"vit-{g}": (VIT, {"quantizer": {**VIT_Q, **NO_RESTART, **q}}, {}) for g, q in VIT_GEOMETRIES.items()},
+    **{f"vit-{g}-restart": (VIT, {"quantizer": {**VIT_Q, **VIT_RESTART, **q}}, {}) for g, q in VIT_GEOMETRIES.items()},
     # the codebooks the field now uses, on the same ViT at 1024 codes
     "vit-simvq": (VIT, {"quantizer": {**VIT_Q, "simvq": True, "factorized": True, "l2_normalize": False,
                                       "dim": 32}}, {}),
@@ -221,17 +214,9 @@ def main(argv=None) -> int:
 
 def _summary(rows: list[dict]) -> list[dict]:
     """One row per (variant, adversarial): the [min, max] over seeds of usage, perplexity, PSNR and SSIM."""
-    out: dict[tuple, dict] = {}
-    for r in rows:
-        key = (r["variant"], r["adversarial"])
-        s = out.setdefault(key, {"variant": r["variant"], "adversarial": r["adversarial"], "seeds": 0,
-                                 "tokens_per_image": r["tokens_per_image"]})
-        s["seeds"] += 1
-        for k in ("usage", "perplexity", "psnr", "ssim"):
-            lo, hi = s.get(k, (r[k], r[k]))
-            s[k] = (min(lo, r[k]), max(hi, r[k]))
-    return list(out.values())
-
+    return seed_ranges(rows, lambda r: (r["variant"], r["adversarial"]),
+                       lambda r: {k: r[k] for k in ("variant", "adversarial", "tokens_per_image")},
+                       ("usage", "perplexity", "psnr", "ssim"))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -70,17 +70,13 @@ if _ROOT not in sys.path:
 
 from benchmarks.bench_claims import _evaluate as evaluate_tokenizer  # noqa: E402
 from benchmarks.bench_claims import _train as train_tokenizer  # noqa: E402
-from benchmarks.report import write_json  # noqa: E402
+from benchmarks.report import seed_ranges, write_json  # noqa: E402
 
 # side -> (tokenizer recipe, its model_args, prior recipe)
 SIDES = {"vim": ("vqgan-f8-tiny", {}, "vim-small-tiny"),
          "stackformer": ("mq-vae-f8-tiny", {}, "stackformer-base-tiny")}
 METRICS = ("tokens_per_image", "bits_per_image", "bits_per_token", "sample_s_per_image", "prior_params",
            "tokenizer_psnr")
-
-
-def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _train_prior(side: str, recipe: str, tok_dir: str, codes: str, codes_val: str, args, seed: int,
@@ -175,6 +171,7 @@ def _tokenize(tok_dir: str, data: str, val: str, out: str) -> tuple[str, str]:
 def run_seed(args, seed: int, data: str, val: str) -> list[dict]:
     from data_pipeline.demo import CLASS_NAMES
     from model_zoo.package import load_package, load_prior_with_tokenizer
+    from model_zoo.vit_vqgan import count_params
     from pretrain.resolve import as_package
 
     tok_args = SimpleNamespace(steps=args.tokenizer_steps, batch=args.tokenizer_batch, lr=args.tokenizer_lr,
@@ -192,8 +189,8 @@ def run_seed(args, seed: int, data: str, val: str) -> list[dict]:
         priors[side] = prior.eval()
         row = {"side": side, "seed": seed, "tokenizer": tok_recipe, "prior": prior_recipe,
                "keep_ratio": args.keep_ratio if side == "stackformer" else 1.0,
-               "tokenizer_params": _params(load_package(as_package(tok_dir, kind="tokenizer"))),
-               "prior_params": _params(prior), "prior_depth": _depth(prior),
+               "tokenizer_params": count_params(load_package(as_package(tok_dir, kind="tokenizer"))),
+               "prior_params": count_params(prior), "prior_depth": _depth(prior),
                "tokenizer_train_s": round(tok_s, 1), "prior_train_s": round(prior_s, 1),
                "tokenizer_final_loss": tok_res.metrics.get("loss"), "prior_final_loss": prior_res.metrics.get("loss"),
                "tokenizer_psnr": tok_eval["psnr"], "tokenizer_usage": tok_eval["usage"],
@@ -219,21 +216,16 @@ def _depth(prior) -> str:
 
 def summarize(rows: list[dict]) -> dict:
     """Per side: [min, max] over seeds of each figure; and, per seed, whether the claim's direction held."""
-    sides: dict[str, dict] = {}
-    for r in rows:
-        s = sides.setdefault(r["side"], {"side": r["side"], "tokenizer": r["tokenizer"], "prior": r["prior"],
-                                         "prior_depth": r["prior_depth"], "seeds": 0})
-        s["seeds"] += 1
-        for k in (*METRICS, "code_bits_per_image", "position_bits_per_image"):
-            lo, hi = s.get(k, (r[k], r[k]))
-            s[k] = (min(lo, r[k]), max(hi, r[k]))
+    named = ("side", "tokenizer", "prior", "prior_depth")
+    sides = seed_ranges(rows, lambda r: r["side"], lambda r: {k: r[k] for k in named},
+                        (*METRICS, "code_bits_per_image", "position_bits_per_image"))
     by_seed: dict[int, dict] = {}
     for r in rows:
         by_seed.setdefault(r["seed"], {})[r["side"]] = r
     fewer_bits = [v["stackformer"]["bits_per_image"] < v["vim"]["bits_per_image"] for v in by_seed.values()]
     faster = [v["stackformer"]["sample_s_per_image"] < v["vim"]["sample_s_per_image"] for v in by_seed.values()]
     speedup = [v["vim"]["sample_s_per_image"] / v["stackformer"]["sample_s_per_image"] for v in by_seed.values()]
-    return {"sides": list(sides.values()),
+    return {"sides": sides,
             "claim": {"stackformer_fewer_bits_per_image": fewer_bits, "stackformer_faster_sampling": faster,
                       "sampling_speedup": (min(speedup), max(speedup)),
                       "direction_holds": all(fewer_bits) and all(faster)}}

@@ -285,7 +285,8 @@ def _demo_closing_line(m: dict) -> str:
             if m.get("codebook_used") is not None else f(m.get("codebook_usage"), ".0%"))
     return (f"[demo] held-out codebook usage {used}, perplexity {f(m.get('codebook_perplexity'), '.1f')}; "
             f"PSNR {f(m.get('holdout_psnr'), '.2f')} dB, SSIM {f(m.get('holdout_ssim'), '.3f')}; "
-            f"digits class accuracy {f(m.get('digits_class_accuracy'), '.2f')}, judge FID {f(m.get('digits_fid'), '.1f')}")
+            f"digits class accuracy {f(m.get('digits_class_accuracy'), '.2f')}, "
+            f"judge FID {f(m.get('digits_fid'), '.1f')}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
