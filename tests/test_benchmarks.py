@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -21,7 +22,9 @@ from tests.launch import ROOT, job_env
 def _bench(script: str, out: str, *args: str) -> dict:
     res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--small", *args, "--out", out],
                          env=job_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
+    # SeaweedFS's glog lines (I/W/E + date) would fill the message and hide the script's own error
+    own = "\n".join(ln for ln in res.stderr.splitlines() if not re.match(r"[IWE]\d{4} ", ln))
+    assert res.returncode == 0, (res.stdout[-3000:], own[-5000:])
     return json.load(open(out))
 
 
