@@ -29,7 +29,6 @@ images do not depend on the batch size, and the same prompt file and seed give t
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tempfile
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline import storage
+from model_zoo.package import sha256_file
 
 from .report import sibling_url, write_result
 
@@ -67,14 +67,6 @@ def clip_weight_candidates(model_name: str) -> list[str]:
 
     stem = "openclip-" + model_name.lower().replace("/", "-")
     return [storage.join(cache_dir(), "weights", stem + s) for s in WEIGHT_SUFFIXES]
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class TensorPreprocess:
@@ -150,7 +142,7 @@ def load_clip(model_name: str = "ViT-B-32", weights: str | None = None, device: 
         local = os.path.abspath(storage.local_path(local))
         model = open_clip.create_model(model_name, pretrained=local, device=device, pretrained_image=False,
                                        pretrained_text=False, **(overrides or {}))
-        info = {"model": model_name, "weights": weights, "sha256": _sha256_file(local),
+        info = {"model": model_name, "weights": weights, "sha256": sha256_file(local),
                 "bytes": os.path.getsize(local), "overrides": overrides or None}
     pcfg = open_clip.get_model_preprocess_cfg(model)
     preprocess = TensorPreprocess(pcfg["size"], pcfg["mean"], pcfg["std"], pcfg.get("interpolation", "bicubic"),

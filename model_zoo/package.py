@@ -164,7 +164,7 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _local_files(folder: str) -> list[str]:
+def local_files(folder: str) -> list[str]:
     out = []
     for root, _dirs, files in os.walk(folder):
         for f in files:
@@ -175,13 +175,13 @@ def _local_files(folder: str) -> list[str]:
 def write_checksums(folder: str) -> dict[str, str]:
     """Hash every file under a local package folder into ``checksums.sha256``, which goes last."""
     # Nested files (the tokenizer's package, its own checksums too) are listed: one pass checks all.
-    sums = {rel: sha256_file(os.path.join(folder, rel)) for rel in _local_files(folder) if rel != CHECKSUMS}
+    sums = {rel: sha256_file(os.path.join(folder, rel)) for rel in local_files(folder) if rel != CHECKSUMS}
     with open(os.path.join(folder, CHECKSUMS), "w") as f:
         f.writelines(f"{digest}  {rel}\n" for rel, digest in sums.items())
     return sums
 
 
-def _parse_checksums(text: str, where: str) -> dict[str, str]:
+def parse_checksums(text: str, where: str) -> dict[str, str]:
     sums = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -203,7 +203,7 @@ def verify_folder(folder: str, url: str = "") -> dict[str, Any]:
     if not os.path.isfile(path):
         raise PackageError(f"{where} is an incomplete package: no {CHECKSUMS} (interrupted write?)")
     with open(path) as f:
-        sums = _parse_checksums(f.read(), storage.join(where, CHECKSUMS))
+        sums = parse_checksums(f.read(), storage.join(where, CHECKSUMS))
     for req in REQUIRED:
         if req not in sums:
             raise PackageError(f"{where}: {CHECKSUMS} does not list {req}")
@@ -452,7 +452,7 @@ def _publish(folder: str, url: str) -> None:
         storage.remove(storage.join(url, CHECKSUMS))   # the old package reads as incomplete from here
     elif storage.listdir(url):
         raise PackageError(f"{url} exists and is not a model-zoo package: refusing to overwrite it")
-    files = _local_files(folder)
+    files = local_files(folder)
     for rel in files:                                   # nested tokenizer checksums are ordinary files
         if rel != CHECKSUMS:
             with open(os.path.join(folder, rel), "rb") as src, storage.atomic_open(storage.join(url, rel)) as dst:

@@ -58,11 +58,13 @@ import torch
 from data_pipeline import storage
 
 from . import safe_load
+from .checksums import MANIFEST, CheckpointDamaged, check_files, hash_files, manifest_text, read_manifest
 
 log = logging.getLogger("vqscale.checkpoint")
 
-__all__ = ["step_name", "parse_step", "list_steps", "latest_step_url", "resolve_step_url", "save_checkpoint",
-           "load_checkpoint", "Resumed", "prune_checkpoints", "load_consolidated"]
+__all__ = ["step_name", "parse_step", "list_steps", "latest_step_url", "resolve_step_url", "step_candidates",
+           "save_checkpoint", "load_checkpoint", "Resumed", "prune_checkpoints", "load_consolidated",
+           "verify_step_folder", "CheckpointDamaged"]
 
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 # Fault injection for tests: the name of a point in save_checkpoint where it raises (all ranks).
@@ -133,6 +135,32 @@ def _broadcast(obj: Any) -> Any:
     if _rank_world()[1] > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    world = _rank_world()[1]
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _merge_sums(parts: list[dict[str, str]]) -> dict[str, str]:
+    """One manifest from the ranks' shares. A file two ranks staged with different bytes (the store
+    keeps whichever upload came last) is left out rather than listed with a sum that may be wrong."""
+    merged: dict[str, str] = {}
+    clash: set[str] = set()
+    for part in parts:
+        for rel, digest in part.items():
+            if merged.setdefault(rel, digest) != digest:
+                clash.add(rel)
+    for rel in clash:
+        log.warning("%s was written with different bytes by two ranks; the checksum manifest leaves it out", rel)
+        merged.pop(rel)
+    return merged
 
 
 def _local_rank() -> int:
@@ -217,6 +245,8 @@ def save_checkpoint(run_dir: str, step: int, engines, *, samples_seen: int = 0,
         if stage:
             stage.sync()                # each rank uploads the files it wrote
         _barrier()                      # every shard of every rank is durable
+        # Each rank hashes its share: the files it staged, or every world-th file of the shared folder.
+        sums = _merge_sums(_all_gather(hash_files(local) if stage else hash_files(local, rank, world)))
         if rank == 0:
             from .repro import git_revision
 
@@ -225,8 +255,13 @@ def save_checkpoint(run_dir: str, step: int, engines, *, samples_seen: int = 0,
                                     "bf16": bool(e.bfloat16_enabled())} for n, e in engines.items()},
                     "emas": sorted(emas), "loader_state": loader_state is not None, "config": config,
                     "metrics": metrics or {}, "git_revision": git_revision(), "time": time.time(),
-                    **(extra_meta or {})}
-            storage.write_json(storage.join(step_url, "meta.json"), meta)
+                    "checksums": True, **(extra_meta or {})}
+            data = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
+            storage.write_bytes(storage.join(step_url, "meta.json"), data)
+            sums["meta.json"] = hashlib.sha256(data).hexdigest()
+            if FAULT_POINT == "before_manifest":
+                raise InjectedFault("injected fault before the checksum manifest")
+            storage.write_text(storage.join(step_url, MANIFEST), manifest_text(sums))
         if FAULT_POINT == "before_latest":
             raise InjectedFault("injected fault before `latest`")
         if rank == 0:
@@ -404,6 +439,94 @@ def _load_weights(engine, full: dict[str, torch.Tensor]) -> None:
         engine.optimizer.refresh_fp32_params()
 
 
+def step_candidates(url: str) -> tuple[list[str], str | None]:
+    """Step folders to try, newest first: a step folder alone; for a run directory its ``latest``
+    and then its older steps, the fallbacks. Plus a note when ``latest`` itself is unreadable (then
+    every step folder is a candidate)."""
+    url = os.fspath(url)
+    url = url.rstrip("/") if storage.is_remote(url) else url
+    if parse_step(url) is not None:
+        return [url], None
+    if storage.basename(url) == "checkpoints":
+        url = storage.dirname(url)
+    folder = lambda s: storage.join(_ckpt_root(url), step_name(s))  # noqa: E731
+    try:
+        latest = latest_step_url(url)
+    except (OSError, ValueError) as e:
+        return [folder(s) for s in reversed(list_steps(url))], f"{_ckpt_root(url)}/latest is unreadable ({e})"
+    if latest is None:
+        return [], None
+    top = parse_step(latest)
+    return [latest] + [folder(s) for s in reversed(list_steps(url)) if s < top], None
+
+
+def _fetch_and_check(step_url: str, remote: bool) -> tuple[str, list[str] | None]:
+    """A collective: the step folder as a local folder (downloaded once per node when remote) and
+    the problems its manifest finds, gathered from every process ([]: verified; None: a folder
+    written before manifests, unverified)."""
+    rank, world = _rank_world()
+    if remote:
+        local = _node_stage_dir(step_url)
+        if _local_rank() == 0:
+            shutil.rmtree(local, ignore_errors=True)
+            storage.download_dir(step_url, local)
+        _barrier()
+        index, count = _local_rank(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    else:
+        local, index, count = storage.local_path(step_url), rank, world
+    sums = read_manifest(local, step_url)
+    if isinstance(sums, dict):
+        mine: list[str] | None = check_files(local, sums, index, count)
+    else:
+        mine = None if sums is None else ([sums] if index == 0 else [])
+    parts = _all_gather(mine)
+    if any(p is None for p in parts):
+        return local, None
+    return local, sorted({p for part in parts for p in part})
+
+
+def _verified_step(url: str, remote: bool, adopt: bool) -> tuple[str, str] | None:
+    """(step folder URL, local folder) of the newest candidate step that verifies against its
+    checksum manifest, saying which damaged ones it passed over; None when there is nothing to
+    load. ``adopt``: a run resuming itself points ``latest`` at the step it fell back to, so the
+    next save replaces the damaged steps instead of finding its own step "already saved"."""
+    rank, _ = _rank_world()
+    candidates, note = _broadcast(step_candidates(url) if rank == 0 else None)
+    if note and rank == 0:
+        log.error("%s", note)
+    if not candidates:
+        if note:
+            raise CheckpointDamaged(f"{note} and no step folder is left; restore it or start afresh (--no-resume)")
+        return None
+    damaged: list[str] = []
+    for step_url in candidates:
+        local, problems = _fetch_and_check(step_url, remote)
+        if not problems:
+            break
+        if rank == 0:
+            log.error("checkpoint %s is damaged: %s", step_url, "; ".join(problems))
+        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        damaged.append(f"{storage.basename(step_url)}: {problems[0]}{more}")
+        if remote and _local_rank() == 0:
+            shutil.rmtree(local, ignore_errors=True)
+    else:
+        raise CheckpointDamaged(f"no checkpoint of {url} verifies against its {MANIFEST} "
+                                f"({'; '.join(damaged)}): restore the files, or start afresh (--no-resume or a "
+                                f"new run_dir)")
+    if problems is None and rank == 0:
+        log.warning("%s has no %s (written before checksum manifests): loaded unverified", step_url, MANIFEST)
+    if damaged and rank == 0:
+        log.warning("resuming from %s, the newest step that verifies, instead of the damaged %s",
+                    storage.basename(step_url), ", ".join(d.split(":")[0] for d in damaged))
+    if (damaged or note) and rank == 0:
+        if adopt and parse_step(storage.basename(os.fspath(url).rstrip("/"))) is None:
+            root = storage.dirname(step_url)
+            storage.write_text(storage.join(root, "latest"), storage.basename(step_url) + "\n")
+            log.warning("%s/latest now names %s; the damaged step folders are deleted at the next save",
+                        root, storage.basename(step_url))
+    return step_url, local
+
+
 def load_checkpoint(url: str, engines, *, emas: Mapping[str, Any] | None = None,
                     weights_only: bool = False, restore_rng: bool = True,
                     universal: bool | str = "auto") -> Resumed | None:
@@ -419,19 +542,12 @@ def load_checkpoint(url: str, engines, *, emas: Mapping[str, Any] | None = None,
     engines = _as_dict(engines)
     emas = dict(emas or {})
     rank, world = _rank_world()
-    step_url = _broadcast(resolve_step_url(url) if rank == 0 else None)
-    if step_url is None:
+    remote = storage.is_remote(os.fspath(url))
+    picked = _verified_step(url, remote, adopt=not weights_only)
+    if picked is None:
         return None
-    meta = storage.read_json(storage.join(step_url, "meta.json"))
-    remote = storage.is_remote(step_url)
-    if remote:
-        local = _node_stage_dir(step_url)
-        if _local_rank() == 0:
-            shutil.rmtree(local, ignore_errors=True)
-            storage.download_dir(step_url, local)
-        _barrier()
-    else:
-        local = storage.local_path(step_url)
+    step_url, local = picked
+    meta = storage.read_json(os.path.join(local, "meta.json"))
     # Who converts: the process that owns the folder (rank 0 on a shared run directory, local
     # rank 0 for a node-local download). Everyone agrees on the plan from rank 0's listing.
     converter = (_local_rank() == 0) if remote else (rank == 0)
@@ -487,6 +603,19 @@ def load_checkpoint(url: str, engines, *, emas: Mapping[str, Any] | None = None,
     return Resumed(step=int(meta["step"]), samples_seen=int(meta.get("samples_seen", 0)), step_url=step_url,
                    meta=meta, loader_state=loader_state, universal=any(plan.values()), weights_only=weights_only,
                    rng_restored=rng_restored, client_states=client_states)
+
+
+def verify_step_folder(local: str, step_url: str) -> None:
+    """Check a local step folder against its manifest without a process group (export); raise
+    :class:`CheckpointDamaged` naming the first problem."""
+    sums = read_manifest(local, step_url)
+    if sums is None:
+        log.warning("%s has no %s (written before checksum manifests): read unverified", step_url, MANIFEST)
+        return
+    problems = [sums] if isinstance(sums, str) else check_files(local, sums)
+    if problems:
+        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise CheckpointDamaged(f"checkpoint {step_url} is damaged: {problems[0]}{more}")
 
 
 def load_consolidated(step_url: str, engine: str = "model") -> dict[str, torch.Tensor]:

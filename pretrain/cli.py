@@ -295,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from data_pipeline.sources import DataError
 
+    from .checksums import CheckpointDamaged
     from .config import ConfigError
     from .safe_load import UnsafeCheckpointError
 
@@ -367,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return main_status(args)
         if args.verb == "zoo":
             return _zoo(args)
-    except (ConfigError, DataError, UnsafeCheckpointError) as e:
+    except (ConfigError, DataError, UnsafeCheckpointError, CheckpointDamaged) as e:
         print(f"vqscale: error: {e}", file=sys.stderr)
         return 2
     raise AssertionError(args.verb)

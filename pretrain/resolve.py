@@ -192,6 +192,9 @@ def export_step(step_url: str, out: str, ema: bool | None = None, dtype: torch.d
         if storage.is_remote(step_url):
             local = os.path.join(tmp, "step")
             storage.download_dir(step_url, local)
+        from .checkpoint import verify_step_folder
+
+        verify_step_folder(storage.local_path(local), step_url)
         sd, which = _load_step_weights(storage.local_path(local), ema)
         model = model_from_config(cfg, meta.get("trainer_model_args") or None)
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -241,9 +244,42 @@ def export_run(path: str, out: str, step: int | None = None, ema: bool | None = 
         step_url = storage.join(path, "checkpoints", step_name(step))
         if not storage.exists(storage.join(step_url, "meta.json")):
             raise ResolveError(f"{path} has no checkpoint of step {step}; it has steps {list_steps(path)}")
-    else:
-        step_url = _step_folder(path)
-    return export_step(step_url, out, ema=ema, dtype=dtype, tokenizer_path=tokenizer)
+        return export_step(step_url, out, ema=ema, dtype=dtype, tokenizer_path=tokenizer)
+    return _newest_verified(path, lambda step: export_step(step, out, ema=ema, dtype=dtype,
+                                                           tokenizer_path=tokenizer))
+
+
+def _newest_verified(path: str, use):
+    """``use(step_url)`` on the step folder ``path`` resolves to; for a run directory whose latest
+    step is damaged (:mod:`pretrain.checksums`), on the newest older step that verifies, saying so."""
+    from .checkpoint import CheckpointDamaged, step_candidates
+
+    first = _step_folder(path)
+    damaged = []
+    for step in [first] + [c for c in step_candidates(path)[0] if c != first]:
+        try:
+            out = use(step)
+        except CheckpointDamaged as e:
+            log.error("%s", e)
+            damaged.append(str(e))
+            continue
+        if damaged:
+            log.warning("used %s, the newest step of %s that verifies (%d damaged step(s) passed over)",
+                        storage.basename(step), path, len(damaged))
+        return out
+    raise CheckpointDamaged(damaged[0] if len(damaged) == 1 else
+                            f"no checkpoint of {path} verifies: {'; '.join(damaged)}")
+
+
+def _package_in_step(step: str, checksums: str) -> str:
+    """The package exported into a step folder, exported now if it is not there yet."""
+    url = storage.join(step, PACKAGE_DIR)
+    if storage.exists(storage.join(url, checksums)):
+        return url              # exported (and so verified) before
+    if not storage.is_remote(url) and os.path.isdir(storage.local_path(url)):
+        shutil.rmtree(storage.local_path(url))     # an export that died half-way
+    export_step(step, url)
+    return url
 
 
 def as_package(path: str, kind: str | None = None) -> str:
@@ -256,16 +292,15 @@ def as_package(path: str, kind: str | None = None) -> str:
     if is_package(path):
         url = path
     else:
-        step = _step_folder(path)
-        url = storage.join(step, PACKAGE_DIR)
         dist = torch.distributed
         multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if (not multi or dist.get_rank() == 0) and not storage.exists(storage.join(url, CHECKSUMS)):
-            if not storage.is_remote(url) and os.path.isdir(storage.local_path(url)):
-                shutil.rmtree(storage.local_path(url))     # an export that died half-way
-            export_step(step, url)
+        url = None
+        if not multi or dist.get_rank() == 0:
+            url = _newest_verified(path, lambda step: _package_in_step(step, CHECKSUMS))
         if multi:
-            dist.barrier()
+            box = [url]
+            dist.broadcast_object_list(box, src=0)
+            url = box[0]
     if kind is not None:
         meta = read_config(url)
         if meta["kind"] != kind:

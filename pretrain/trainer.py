@@ -262,10 +262,11 @@ class Trainer:
     @staticmethod
     def _checkpoint_engines(url: str) -> list[str]:
         """The engine names of the step folder ``url`` resolves to (run directory: its latest)."""
-        step = ckpt.resolve_step_url(url)
-        if step is None:
-            return []
-        return sorted(storage.read_json(storage.join(step, "meta.json")).get("engines", {}))
+        try:
+            step = ckpt.resolve_step_url(url)
+            return sorted(storage.read_json(storage.join(step, "meta.json")).get("engines", {})) if step else []
+        except (OSError, ValueError):
+            return []       # a damaged latest step: the load falls back past it and says why
 
     def _load_plan(self, url: str) -> tuple[dict, dict]:
         """(engines, emas) to load from ``url``: a GAN run resuming or warm-starting from a
