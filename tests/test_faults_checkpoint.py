@@ -177,3 +177,59 @@ def test_a_checkpoint_without_a_manifest_still_resumes(reference):
     assert "loaded unverified" in out.stderr
     ref, got = _losses(reference["ref"]), _losses(run)
     assert all(got[s] == ref[s] for s in ref)
+
+
+def _metric_lines(text: str) -> dict[int, float]:
+    return {d["step"]: d["loss"] for d in map(json.loads, text.splitlines()) if "loss" in d}
+
+
+@pytest.mark.s3
+def test_a_damaged_step_on_s3_falls_back_after_its_download_is_checked(reference, s3_bucket, tmp_path):
+    """A remote run directory: each node downloads the step folder and checks that copy."""
+    from data_pipeline import storage
+
+    data, tok = f"{s3_bucket}/codes", f"{s3_bucket}/tok"
+    storage.upload_dir(reference["data"], data)
+    storage.upload_dir(str(reference["root"] / "tok"), tok)
+    run = f"{s3_bucket}/runs/prior"
+    env = {**_env(), "VQSCALE_CACHE": str(tmp_path / "cache")}
+    sets = _sets(data) + ["--set", f"tokenizer={tok}"]
+    first = subprocess.run(_train_cmd("vim-small-tiny", run, sets + ["--set", "steps=8"]), env=env, cwd=_ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-4000:]
+    before = _metric_lines(storage.read_text(f"{run}/metrics.jsonl"))
+    obj = f"{run}/{STEP8}/model/zero_pp_rank_0_mp_rank_00_optim_states.pt".replace(os.sep, "/")
+    blob = bytearray(storage.read_bytes(obj))
+    blob[1500:1516] = b"\xa5" * 16
+    storage.write_bytes(obj, bytes(blob))
+    out = subprocess.run(_train_cmd("vim-small-tiny", run, sets), env=env, cwd=_ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["resumed_from"] == 4
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt: checksum mismatch" in out.stderr
+    after = _metric_lines(storage.read_text(f"{run}/metrics.jsonl"))
+    assert all(after[s] == before[s] for s in range(5, 9)), (before, after)      # steps 5-8 again, the same
+    assert storage.read_text(f"{run}/checkpoints/latest").strip() == "step_00000012"
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_agree_to_fall_back_when_one_finds_the_damage(reference, tmp_path):
+    """ZeRO shards of 2 ranks: the check is split between them and its findings gathered, so both
+    load the same older step (a rank falling back alone would hang or diverge)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                "--rdzv-endpoint=127.0.0.1:0", "-m", "pretrain.cli", "train", "--recipe", "vim-small-tiny"]
+    sets = _sets(reference["data"]) + ["--set", "deepspeed.zero_stage=2", "--set", "micro_batch_size=2"]
+    ref, run = str(tmp_path / "ref2"), str(tmp_path / "run2")
+    out = _run(torchrun + ["--run-dir", ref, *sets], timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    shutil.copytree(ref, run)
+    shutil.rmtree(os.path.join(run, "checkpoints", "step_00000012"))
+    with open(os.path.join(run, "checkpoints", "latest"), "w") as f:
+        f.write("step_00000008\n")
+    _overwrite(os.path.join(run, STEP8, "model", "zero_pp_rank_1_mp_rank_00_optim_states.pt"), 1500)
+    out = _run(torchrun + ["--run-dir", run, *sets], timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: checksum mismatch" in out.stderr
+    assert "resuming from step_00000004" in out.stderr
+    a, b = _losses(ref), _losses(run)
+    assert sorted(b) == list(range(1, STEPS + 1)) and all(a[s] == b[s] for s in a), (a, b)
