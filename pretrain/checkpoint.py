@@ -8,13 +8,16 @@ Layout (DESIGN.md)::
         rng/rank{r}.pt                                 python/numpy/torch/cuda RNG of every rank
         loader_state.json                              the data loader's state (given by the caller)
         meta.json                                      step, samples seen, world size, config, git, metrics
+        checksums.sha256                               sha256 of every file above (pretrain.checksums)
         universal/<engine>/                            cache: the engine converted to DeepSpeed's
                                                        universal format (made on a world-size change)
     RUN_DIR/checkpoints/latest                         "step_00001000": written last, atomically
 
 A step folder counts only once ``latest`` names it: every rank's files are written (and, for a
-remote run directory, uploaded) before rank 0 writes ``meta.json`` and then ``latest``, so a crash
-during a save leaves the previous checkpoint as ``latest``. DeepSpeed's own ``latest`` file is not
+remote run directory, uploaded) before rank 0 writes ``meta.json``, the checksum manifest and then
+``latest``, so a crash during a save leaves the previous checkpoint as ``latest``. A load checks the
+folder against its manifest first; a damaged step is passed over for the newest older one that
+verifies (saying which file was wrong), or the load stops with :class:`CheckpointDamaged`. DeepSpeed's own ``latest`` file is not
 written (``save_latest=False``; the engine folder name is DeepSpeed's ``tag``).
 
 Remote run directories (``s3://...``): every rank writes into a local staging folder
