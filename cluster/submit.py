@@ -156,7 +156,7 @@ def _train_task(argv: list[str], ns: argparse.Namespace, world: int) -> Task:
     from pretrain.config import apply_overrides, to_dict
     from pretrain.engine import gradient_accumulation_steps
     from pretrain.recipes import get_recipe
-    from pretrain.trainer import check_model_args
+    from pretrain.trainer import check_model_args, check_prior_inputs, check_storage
 
     cfg = apply_overrides(get_recipe(ns.recipe), list(ns.overrides))
     check_model_args(cfg)
@@ -164,6 +164,8 @@ def _train_task(argv: list[str], ns: argparse.Namespace, world: int) -> Task:
     if not _is_remote(run_dir):
         run_dir = os.path.abspath(run_dir)
     cfg = dataclasses.replace(cfg, run_dir=run_dir)
+    check_storage(cfg)               # its S3 buckets: credentials, endpoint, bucket
+    check_prior_inputs(cfg)          # a tokenizer that is no package, too few classes for the labels
     micro = cfg.micro_batch_size or cfg.global_batch_size // world
     try:
         gas = gradient_accumulation_steps(cfg.global_batch_size, micro, world)

@@ -6,7 +6,9 @@ image shard, with the same shard name, under the output root. A sample is ``KEY.
 sorted flat raster indices of the kept positions), ``KEY.cls``, ``KEY.txt`` and optionally
 ``KEY.txtemb.npy`` (float16 cached text embedding). The root's ``manifest.json`` is the normal
 shard manifest plus ``tokenizer`` (``{name, sha256}``), ``grid_size`` (``[h, w]``) and
-``codebook_size``.
+``codebook_size``, and, when the samples have class labels, ``labels`` (``[lowest, highest]``; each
+shard entry has its own), which a class-conditional prior's run checks its class count against
+before it starts (:func:`manifest_labels`).
 
 Writing goes through :class:`~data_pipeline.shards.ShardWriter` (one named shard, atomic), so a
 code shard that exists under its final name is complete: :func:`finished_code_shards` and
@@ -29,7 +31,7 @@ import torch
 from . import storage
 from .defects import CORRUPT_CODES, MISSING_CODES, SampleDefect
 from .images import read_caption, read_label
-from .shards import MANIFEST, ShardWriter, WriterContext, iter_shard, make_manifest
+from .shards import DEFAULT_RETRY_FOR_S, MANIFEST, ShardWriter, WriterContext, iter_shard, make_manifest
 from .sources import DataError
 
 CODES, POSITIONS, TEXT_EMB = "codes.npy", "pos.npy", "txtemb.npy"
@@ -57,7 +59,8 @@ def _int_vector(name: str, value: Any) -> np.ndarray:
 
 class CodeShardWriter(WriterContext):
     """Writes ONE code shard ``ROOT/NAME`` atomically; :meth:`close` returns its manifest entry
-    ``{name, samples, bytes, sha256}`` (also kept as :attr:`entry`).
+    ``{name, samples, bytes, sha256}``, plus ``labels`` (``[lowest, highest]``) when a sample had
+    a label (also kept as :attr:`entry`).
 
     ``codebook_size`` and ``grid_size``, when given, bound the codes and positions. Every sample
     of a shard must have the same token count and either all or none have positions, because a
@@ -73,6 +76,7 @@ class CodeShardWriter(WriterContext):
         self.num_positions = None if grid_size is None else int(grid_size[0]) * int(grid_size[1])
         self.entry: dict[str, Any] | None = None
         self._layout: tuple[int, bool] | None = None  # (N, has positions) of the first sample
+        self._labels: list[int] | None = None         # [lowest, highest] label written
         self._w = ShardWriter(root, name=name, write_manifest=False)
 
     def write(self, key: str, codes: Any, positions: Any = None, label: int | None = None,
@@ -116,10 +120,15 @@ class CodeShardWriter(WriterContext):
             files[TEXT_EMB] = _npy(e16)
         self._w.write(key, files)  # checks the key (no dot, no duplicate)
         self._layout = layout
+        if label is not None:
+            lo, hi = self._labels or (int(label), int(label))
+            self._labels = [min(lo, int(label)), max(hi, int(label))]
 
     def close(self) -> dict[str, Any]:
         if self.entry is None:
             self.entry = dict(self._w.close()["shards"][0])
+            if self._labels is not None:
+                self.entry["labels"] = list(self._labels)
         return self.entry
 
     def abort(self, exc: BaseException) -> None:
@@ -145,6 +154,9 @@ def write_code_manifest(root: str, entries: list[dict[str, Any]], tokenizer_name
                              "grid_size": [h, w], "codebook_size": int(codebook_size)}
     if num_tokens is not None:
         extra["num_tokens"] = int(num_tokens)
+    ranges = [e["labels"] for e in shards if e.get("labels")]
+    if ranges:
+        extra["labels"] = [min(r[0] for r in ranges), max(r[1] for r in ranges)]
     manifest = make_manifest(shards, **extra)
     storage.write_json(storage.join(root, MANIFEST), manifest)
     return manifest
@@ -194,8 +206,40 @@ def code_shard_entry(root: str, name: str) -> dict[str, Any]:
         while chunk := f.read(8 << 20):
             sha.update(chunk)
             nbytes += len(chunk)
-    samples = sum(1 for _ in iter_shard(url, retries=2))
-    return {"name": name, "samples": samples, "bytes": nbytes, "sha256": sha.hexdigest()}
+    samples, labels = 0, []
+    for _i, _key, files in iter_shard(url, retries=2):
+        samples += 1
+        if "cls" in files:
+            try:
+                labels.append(int(files["cls"].decode().strip()))
+            except ValueError:
+                pass
+    entry = {"name": name, "samples": samples, "bytes": nbytes, "sha256": sha.hexdigest()}
+    if labels:
+        entry["labels"] = [min(labels), max(labels)]
+    return entry
+
+
+def manifest_labels(url: str) -> dict[str, list[int]]:
+    """``{root: [lowest, highest]}``: the class labels the code manifests of ``url`` (a code-shard
+    root or a mixture of them) record; roots whose manifest is missing, unreadable or records no
+    labels (written before labels were recorded, or unlabelled data) are left out. One small read
+    per root, for checks before a run starts."""
+    from .sources import parse_mixture
+
+    out = {}
+    for root, _weight in parse_mixture(url):
+        root = root.rstrip("/")
+        if root.endswith(".tar") or "{" in root or any(c in root for c in "*?["):
+            continue
+        try:
+            labels = storage.read_json(storage.join(root, MANIFEST)).get("labels")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if (isinstance(labels, list) and len(labels) == 2 and all(isinstance(x, int) for x in labels)
+                and 0 <= labels[0] <= labels[1]):
+            out[root] = labels
+    return out
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -309,10 +353,12 @@ def code_loader(url: str, batch_size: int, seed: int = 0, rank: int | None = Non
                 world_size: int | None = None, num_workers: int = 0, shuffle_buffer: int = 1000,
                 interleave: int = 4, max_epochs: int | None = None, drop_last: bool = False,
                 codebook_size: int | None = None, num_tokens: int | None = None,
-                pin_memory: bool = False):
+                pin_memory: bool = False, retries: int = 4, retry_backoff: float = 0.5,
+                retry_for_s: float = DEFAULT_RETRY_FOR_S, verify_checksums: bool = True):
     """The streaming code loader for ``url`` (a code-shard root or a mixture of them), a
     :class:`~data_pipeline.stream.StreamingLoader` with exact resume. ``codebook_size``,
-    ``grid_size`` and ``num_tokens`` from the manifests validate samples unless given."""
+    ``grid_size`` and ``num_tokens`` from the manifests validate samples unless given; the retry
+    and checksum settings are :class:`~data_pipeline.config.DataConfig`'s."""
     from .sources import open_sources
     from .stream import StreamingLoader, StreamSpec
 
@@ -336,6 +382,10 @@ def code_loader(url: str, batch_size: int, seed: int = 0, rank: int | None = Non
         seed=seed,
         shuffle_buffer=shuffle_buffer,
         interleave=interleave,
+        retries=retries,
+        retry_backoff=retry_backoff,
+        retry_for_s=retry_for_s,
+        verify_checksums=verify_checksums,
         max_epochs=max_epochs,
         drop_last=drop_last,
     )

@@ -49,7 +49,15 @@ class DataConfig:
     # Batches reach the model NHWC in memory (channels_last), the layout cuDNN's and oneDNN's conv
     # kernels run fastest; convolutions then keep it. False hands the model NCHW-contiguous images.
     channels_last: bool = True
-    retries: int = 4                   # per read, with exponential backoff
-    retry_backoff: float = 0.5         # seconds before the first retry
+    retries: int = 4                   # per read, with exponential backoff (at least this many tries) ...
+    retry_backoff: float = 0.5         # seconds before the first retry (doubling, at most 10 s apart)
+    # ... and for at least this long: a source that is down (an object store restarting) is waited
+    # for this many seconds before the shard being read counts as lost.
+    retry_for_s: float = 600.0
+    # Lost samples (promised by a manifest, not delivered: broken shards, reads given up) over the
+    # samples read so far, but over no less than one epoch: above this the run stops (status
+    # "failed", one line). 1 never stops.
+    max_lost_fraction: float = 0.01
+    verify_checksums: bool = True      # a shard read to its end is checked against the manifest's sha256
     s3_endpoint_url: str = ""          # overrides AWS_ENDPOINT_URL when set
     filters: FilterConfig = field(default_factory=FilterConfig)

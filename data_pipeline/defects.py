@@ -25,9 +25,10 @@ CORRUPT_CODES = "corrupt_codes"          # codes that do not load or have the wr
 TRUNCATED_SHARD = "truncated_shard"      # a tar that ends in the middle of a member
 UNREADABLE_SHARD = "unreadable_shard"    # a shard that cannot be opened or is not a tar
 IO_ERROR = "io_error"                    # a read failed mid-stream after all retries
+CHECKSUM_MISMATCH = "checksum_mismatch"  # a shard whose bytes are not those the manifest's sha256 names
 
 REASONS = (MISSING_IMAGE, EMPTY_IMAGE, CORRUPT_IMAGE, CORRUPT_METADATA, MISSING_CODES,
-           CORRUPT_CODES, TRUNCATED_SHARD, UNREADABLE_SHARD, IO_ERROR)
+           CORRUPT_CODES, TRUNCATED_SHARD, UNREADABLE_SHARD, IO_ERROR, CHECKSUM_MISMATCH)
 
 MAX_EXAMPLES = 100
 

@@ -250,6 +250,8 @@ def image_loader(cfg: DataConfig, batch_size: int, seed: int = 0, rank: int | No
         interleave=cfg.interleave,
         retries=cfg.retries,
         retry_backoff=cfg.retry_backoff,
+        retry_for_s=cfg.retry_for_s,
+        verify_checksums=cfg.verify_checksums,
         max_epochs=max_epochs,
         drop_last=drop_last,
     )

@@ -28,7 +28,7 @@ def _inspect_shard(shard: Shard, filters: FilterConfig, retries: int) -> dict[st
     prefilter = MetadataFilter(filters) if filters.active else None
     total = 0
     try:
-        it = iter_shard(shard.url, retries=retries)
+        it = iter_shard(shard.url, retries=retries, sha256=shard.sha256)   # a changed shard: checksum_mismatch
         while True:
             try:
                 _i, key, files = next(it)

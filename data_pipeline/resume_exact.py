@@ -14,7 +14,8 @@ it can sit in a checkpoint's ``loader_state.json``::
          "retiring": [[epoch, shard, cursor], ...],  # read to the end, samples still buffered
          "buffer": "<packed (epoch, shard, index) triples, in buffer order>",
          "watch": {"EPOCH": {...}},             # the empty-source watch of the stream
-         "exhausted": bool}]}
+         "exhausted": bool,
+         "draining": bool}]}                    # reads were given up: the buffer drains first
 
 The plan holds the deals of the epochs that had progress when the slot's shards were dealt
 (a resume on another layout): those deals depend on the state they were dealt from, so they
@@ -118,7 +119,8 @@ def saved_slots(state: dict[str, Any], lay: dict[str, Any], nsources: int) -> di
 
 
 def reread_buffer(url_of: Callable[[int], str], triples: list[tuple[int, int, int]], retries: int,
-                  backoff: float, defects: DefectLog) -> list[tuple[int, int, int, str, dict[str, bytes]]]:
+                  backoff: float, defects: DefectLog,
+                  retry_for_s: float = 0.0) -> list[tuple[int, int, int, str, dict[str, bytes]]]:
     """The buffered samples named by ``triples`` read again from their shards, in that order.
 
     A sample that can no longer be read (its shard broke since) is counted as lost, and the
@@ -130,7 +132,7 @@ def reread_buffer(url_of: Callable[[int], str], triples: list[tuple[int, int, in
     got: dict[tuple[int, int, int], tuple[str, dict[str, bytes]]] = {}
     for (e, s), idx in wanted.items():
         reason = TRUNCATED_SHARD
-        it = iter_shard(url_of(s), retries=retries, backoff=backoff, want=idx.__contains__)
+        it = iter_shard(url_of(s), retries=retries, backoff=backoff, want=idx.__contains__, retry_for_s=retry_for_s)
         left = len(idx)
         try:
             for i, key, files in it:

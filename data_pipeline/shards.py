@@ -13,8 +13,11 @@ s3 opener; its own reader reads these shards too, which the tests check). It yie
 ``(index, key, files)`` where ``index`` counts sample groups in tar order: that
 order is the deterministic in-shard order the resumable stream's cursors refer to. Transient
 read errors are retried with backoff by reopening the object and seeking back to the byte
-offset; a shard that stays broken ends with a :class:`ShardError` naming why, after every sample
-before the damage has been yielded.
+offset, at least ``retries`` times and for at least ``retry_for_s`` seconds (a store that is
+restarting comes back within minutes); a shard that stays broken ends with a :class:`ShardError`
+naming why, after every sample before the damage has been yielded. Given the manifest's sha256,
+a shard read to its end is checked against it (``checksum_mismatch``: its bytes changed after the
+manifest was written).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 from . import storage
-from .defects import IO_ERROR, TRUNCATED_SHARD, UNREADABLE_SHARD
+from .defects import CHECKSUM_MISMATCH, IO_ERROR, TRUNCATED_SHARD, UNREADABLE_SHARD
 
 log = logging.getLogger("vqscale.data")
 
@@ -37,17 +40,28 @@ MANIFEST = "manifest.json"
 DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
 # Read size for remote shards: large sequential ranges keep the number of GETs per shard small.
 REMOTE_BLOCK = 16 * 1024 * 1024
+# How long the training stream keeps retrying a read that fails (``data.retry_for_s``): long enough
+# to ride out a restart of the object store. The longest wait between two tries is MAX_RETRY_DELAY_S.
+DEFAULT_RETRY_FOR_S = 600.0
+MAX_RETRY_DELAY_S = 10.0
 
 
 class ShardError(Exception):
-    """A shard that could not be read to its end; ``reason`` is a defects reason."""
+    """A shard that could not be read to its end; ``reason`` is a defects reason. ``gave_up``:
+    its reads kept failing through the whole retry budget (the source may be down), as opposed
+    to bytes that are broken or a shard that is not there."""
 
-    def __init__(self, reason: str, url: str, read: int, detail: str = ""):
+    def __init__(self, reason: str, url: str, read: int, detail: str = "", gave_up: bool = False):
         super().__init__(f"{reason} in {url} after {read} samples: {detail}")
         self.reason = reason
         self.url = url
         self.read = read
         self.detail = detail
+        self.gave_up = gave_up
+
+
+def _gave_up(e: BaseException) -> bool:
+    return isinstance(e, OSError) and not isinstance(e, _NOT_TRANSIENT)
 
 
 # --------------------------------------------------------------------------------------- writing
@@ -206,16 +220,22 @@ class RetryingReader(io.RawIOBase):
 
     On a failed open or read it waits (exponential backoff), reopens the object and seeks to the
     byte offset reached so far, so a dropped connection in the middle of a 256 MB shard costs one
-    range request, not the shard. Gives up after ``retries`` attempts in a row.
+    range request, not the shard. Gives up once a failure in a row has been retried ``retries``
+    times and ``retry_for_s`` seconds have passed since its first try (the waits double from
+    ``backoff`` up to :data:`MAX_RETRY_DELAY_S`). ``hash=True`` keeps the sha256 of the bytes read
+    (:meth:`hexdigest`).
     """
 
-    def __init__(self, url: str, retries: int = 4, backoff: float = 0.5):
+    def __init__(self, url: str, retries: int = 4, backoff: float = 0.5, retry_for_s: float = 0.0,
+                 hash: bool = False):
         self.url = url
         self.name = url
         self.retries = retries
         self.backoff = backoff
+        self.retry_for_s = retry_for_s
         self.pos = 0
         self.retried = 0
+        self._sha = hashlib.sha256() if hash else None
         self._f = None
         self._call(lambda: None)  # open now, so a missing shard fails here
 
@@ -227,7 +247,8 @@ class RetryingReader(io.RawIOBase):
         return f
 
     def _call(self, fn):
-        for attempt in range(self.retries + 1):
+        attempt, first = 0, time.monotonic()
+        while True:
             try:
                 if self._f is None:
                     self._f = self._open()
@@ -236,14 +257,22 @@ class RetryingReader(io.RawIOBase):
                 raise
             except Exception as e:  # noqa: BLE001 - any I/O-layer failure is retried, then reported
                 self._close_quietly()
-                if attempt == self.retries:
-                    raise OSError(f"reading {self.url} at byte {self.pos} failed after "
-                                  f"{self.retries} retries: {e!r}") from e
+                waited = time.monotonic() - first
+                if attempt >= self.retries and waited >= self.retry_for_s:
+                    raise OSError(f"reading {self.url} at byte {self.pos} failed after {attempt} retries "
+                                  f"over {waited:.0f}s: {e!r}") from e
                 self.retried += 1
-                delay = self.backoff * (2 ** attempt)
-                log.warning("read error on %s at byte %d (%r); retry %d/%d in %.1fs",
-                            self.url, self.pos, e, attempt + 1, self.retries, delay)
-                time.sleep(delay)
+                delay = min(self.backoff * (2 ** min(attempt, 30)), MAX_RETRY_DELAY_S)
+                if attempt >= self.retries:       # only the time budget is left: never sleep past it
+                    delay = min(delay, self.retry_for_s - waited)
+                attempt += 1
+                log.warning("read error on %s at byte %d (%r); retry %d in %.1fs (%.0fs of at least %.0fs spent)",
+                            self.url, self.pos, e, attempt, delay, waited, self.retry_for_s)
+                time.sleep(max(0.0, delay))
+
+    def hexdigest(self) -> str | None:
+        """The sha256 of the bytes read so far (None unless made with ``hash=True``)."""
+        return self._sha.hexdigest() if self._sha is not None else None
 
     def readable(self) -> bool:
         return True
@@ -251,6 +280,8 @@ class RetryingReader(io.RawIOBase):
     def read(self, n: int = -1) -> bytes:
         data = self._call(lambda: self._f.read(n))
         self.pos += len(data)
+        if self._sha is not None:
+            self._sha.update(data)
         return data
 
     def readinto(self, b) -> int:
@@ -385,25 +416,30 @@ def tar_members(f) -> Iterator[tuple[str, bytes]]:
 
 
 def iter_shard(url: str, retries: int = 4, backoff: float = 0.5,
-               want=None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+               want=None, retry_for_s: float = 0.0,
+               sha256: str | None = None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """Yield ``(index, key, files)`` for each sample group of a tar shard, in tar order.
 
     ``want(index) -> bool`` lets a resuming reader skip samples it has already consumed (their
     bytes are read past but not returned). Ends with :class:`ShardError` if the shard cannot be
     opened (``unreadable_shard``), ends inside a member (``truncated_shard``; the incomplete last
-    group is dropped) or keeps failing mid-stream (``io_error``). The generator's return value
-    is the number of sample groups in the shard.
+    group is dropped) or keeps failing mid-stream (``io_error``; see :class:`RetryingReader` for
+    ``retries``, ``backoff`` and ``retry_for_s``). Given ``sha256`` (the manifest's), a shard read
+    to its end whose bytes hash to something else ends with ``checksum_mismatch`` after its last
+    sample. The generator's return value is the number of sample groups in the shard.
     """
     index = 0
     try:
-        reader = RetryingReader(url, retries=retries, backoff=backoff)
+        reader = RetryingReader(url, retries=retries, backoff=backoff, retry_for_s=retry_for_s,
+                                hash=bool(sha256))
     except Exception as e:  # noqa: BLE001 - reported as a shard defect by the caller
-        raise ShardError(UNREADABLE_SHARD, url, 0, repr(e)) from e
+        raise ShardError(UNREADABLE_SHARD, url, 0, repr(e), gave_up=_gave_up(e)) from e
     with reader:
         key = None
         files: dict[str, bytes] = {}
+        stream = io.BufferedReader(reader, 1 << 20)
         try:
-            for name, data in tar_members(io.BufferedReader(reader, 1 << 20)):
+            for name, data in tar_members(stream):
                 if name.rsplit("/", 1)[-1].startswith("__"):
                     continue
                 k, ext = split_key(name)
@@ -428,9 +464,19 @@ def iter_shard(url: str, retries: int = 4, backoff: float = 0.5,
             reason = TRUNCATED_SHARD if (index > 0 or key is not None) else UNREADABLE_SHARD
             raise ShardError(reason, url, index, str(e)) from e
         except OSError as e:
-            raise ShardError(IO_ERROR if index else UNREADABLE_SHARD, url, index, str(e)) from e
+            raise ShardError(IO_ERROR if index else UNREADABLE_SHARD, url, index, str(e), gave_up=_gave_up(e)) from e
         if key is not None:
             if want is None or want(index):
                 yield index, key, files
             index += 1
+        if sha256:
+            try:
+                while stream.read(1 << 20):     # the tar's end padding: the manifest hashed every byte
+                    pass
+            except OSError as e:
+                raise ShardError(IO_ERROR, url, index, str(e), gave_up=_gave_up(e)) from e
+            digest = reader.hexdigest()
+            if digest != sha256:
+                raise ShardError(CHECKSUM_MISMATCH, url, index,
+                                 f"sha256 {digest} of {reader.pos} bytes read, the manifest says {sha256}")
     return index

@@ -18,6 +18,12 @@ Libraries that only write local folders (DeepSpeed checkpoints, TensorBoard, sub
 :func:`staged_dir`, which is the folder itself for a local URL and a local mirror that is uploaded
 on :meth:`StagedDir.sync` and on exit for a remote one.
 
+Settings that cannot work (no credentials, an endpoint nothing answers on, a bucket that does not
+exist) are found up front by :func:`check_access`, which commands call before they start: one
+short probe per bucket that ends in a :class:`StorageError` naming the URL, the endpoint and what to
+do. Once a command runs, storage errors are the ordinary, retried ones (a transient outage in the
+middle of a run is ridden out by the readers' retries, not turned into a configuration error).
+
 This module may import fsspec and s3fs only (see DESIGN.md).
 """
 
@@ -26,7 +32,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -39,7 +47,10 @@ __all__ = [
     "open", "exists", "isdir", "listdir", "glob", "size", "makedirs", "remove", "rmtree",
     "read_bytes", "read_text", "read_json", "atomic_open", "write_bytes", "write_text",
     "write_json", "upload_dir", "download_dir", "staged_dir", "StagedDir", "invalidate",
+    "StorageError", "check_access",
 ]
+
+log = logging.getLogger("vqscale.storage")
 
 _builtin_open = open
 _lock = threading.Lock()
@@ -95,6 +106,7 @@ def configure(protocol: str = "s3", **options: Any) -> None:
     with _lock:
         _options[protocol] = opts
         _fs_cache.clear()
+        _checked.clear()
 
 
 def _s3_options() -> dict[str, Any]:
@@ -141,6 +153,96 @@ def invalidate(url: str | None = None) -> None:
         return
     for fs in list(_fs_cache.values()):
         fs.invalidate_cache()
+
+
+class StorageError(ValueError):
+    """A storage setting that cannot work, found up front by :func:`check_access` (no credentials,
+    nothing answering at the endpoint, no such bucket); the message names the URL, the endpoint and
+    what to do. The command line turns it into one line and exit code 2."""
+
+
+# The up-front check's budget: botocore "standard" retries (attempts up to 1 s, then 2 s apart)
+# with short timeouts, so an endpoint nothing answers on is reported within seconds (a refused
+# connection) or about half a minute (one that never answers), not after the minutes the data readers'
+# retries would spend. VQSCALE_S3_CHECK_ATTEMPTS overrides the attempts.
+CHECK_ATTEMPTS = 3
+CHECK_CONNECT_TIMEOUT_S = 5
+CHECK_READ_TIMEOUT_S = 10
+_checked: set[tuple] = set()
+_S3_URL = re.compile(r"\b(s3a?)://([A-Za-z0-9._-]+)[^\s,]*")
+_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+_CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError",
+                      "ProxyConnectionError", "ConnectionError", "TimeoutError"}
+
+
+def _endpoint() -> str | None:
+    return (_s3_options().get("client_kwargs") or {}).get("endpoint_url")
+
+
+def _error_names(e: BaseException) -> set[str]:
+    names: set[str] = set()
+    seen = 0
+    while e is not None and seen < 5:           # s3fs wraps botocore's errors (``raise ... from``)
+        names |= {c.__name__ for c in type(e).__mro__}
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return names
+
+
+def _check_bucket(bucket: str, url: str) -> None:
+    import s3fs
+
+    endpoint = _endpoint()
+    where = f"the S3 endpoint {endpoint}" if endpoint else "the default AWS S3 endpoint (AWS_ENDPOINT_URL is not set)"
+    attempts = max(1, int(os.environ.get("VQSCALE_S3_CHECK_ATTEMPTS") or CHECK_ATTEMPTS))
+    opts = _s3_options()
+    opts["config_kwargs"] = {**(opts.get("config_kwargs") or {}),
+                             "retries": {"max_attempts": attempts, "mode": "standard"},
+                             "connect_timeout": CHECK_CONNECT_TIMEOUT_S, "read_timeout": CHECK_READ_TIMEOUT_S}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    fs.retries = 1                      # s3fs's own retry loop; botocore's attempts above are the budget
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except Exception as e:  # noqa: BLE001 - classified below; anything else is left to the command
+        names = _error_names(e)
+        if names & _CREDENTIAL_ERRORS:
+            raise StorageError(f"{url}: no S3 credentials found for {where}: set AWS_ACCESS_KEY_ID and "
+                               f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with a credentials file)") from None
+        if names & _CONNECTION_ERRORS:
+            raise StorageError(f"{url}: cannot reach {where} ({type(e).__name__} after {attempts} attempt"
+                               f"{'s' if attempts > 1 else ''}): check AWS_ENDPOINT_URL (or the run's "
+                               f"data.s3_endpoint_url) and that the S3 server is up") from None
+        if isinstance(e, FileNotFoundError):
+            mb = f"aws s3 mb s3://{bucket}" + (f" --endpoint-url {endpoint}" if endpoint else "")
+            raise StorageError(f"{url}: the bucket {bucket!r} does not exist at {where}: create it first "
+                               f"(e.g. `{mb}`) or fix the bucket name") from None
+        # 403 (HEAD has no error code: a policy that allows objects but not the bucket looks the
+        # same as bad keys), a wrong region, a server error: the command's own calls say more.
+        log.debug("up-front check of s3://%s at %s: %r (left to the command)", bucket, where, e)
+        return
+    finally:
+        with contextlib.suppress(Exception):
+            fs.close_session(fs.loop, fs.s3)       # no "unclosed client session" warning at exit
+    with _lock:
+        _checked.add((os.getpid(), endpoint, bucket))
+
+
+def check_access(*urls: str | None) -> None:
+    """Check up front that the S3 buckets named in ``urls`` can be used: credentials found, the
+    endpoint answers, the bucket exists. Raises :class:`StorageError` (one line: the URL, the
+    endpoint, what to do). Local paths and other protocols pass; each bucket is checked once per
+    process (and again after :func:`configure`). ``urls`` may be mixtures or ``KEY=URL`` overrides:
+    every ``s3://BUCKET`` in them is checked. Commands call this when they start, so a long run is
+    never stopped by it: errors in the middle of a run stay the readers' retried ones."""
+    buckets: dict[str, str] = {}
+    for text in urls:
+        for m in _S3_URL.finditer(os.fspath(text) if text else ""):
+            buckets.setdefault(m.group(2), m.group(0).split("::", 1)[0])
+    if not buckets:
+        return
+    endpoint = _endpoint()
+    for bucket, url in buckets.items():
+        if (os.getpid(), endpoint, bucket) not in _checked:
+            _check_bucket(bucket, url)
 
 
 def open(url: str, mode: str = "rb", **kwargs: Any):  # noqa: A001 - mirrors builtins.open

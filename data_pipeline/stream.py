@@ -41,7 +41,10 @@ Policies:
   delivered exactly once across crashes and world-size changes.
 * **Defects**: a skipped sample (corrupt, filtered, in a broken shard) counts as consumed; it is
   counted by reason and never retried. Samples a manifest promised but a broken shard did not
-  deliver are counted as ``lost_samples``.
+  deliver are counted as ``lost_samples``. A read that fails is retried for ``retry_for_s``
+  before its shard is given up; a reader that gave up hands out its buffer before it reads on, so
+  the counts travel with batches even while the source is down. :meth:`StreamingLoader.data_totals`
+  sums them over ranks for the logs, and :func:`check_lost_fraction` is the give-up policy.
 * **Too few shards**: a source with fewer shards than ``ranks × workers`` is an error at
   start-up (every slot needs a shard of every fresh epoch).
 * A finite stream (``max_epochs``, for evaluation) ends after that many epochs per slot; its last
@@ -51,6 +54,7 @@ Policies:
 from __future__ import annotations
 
 import base64
+import functools
 import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -61,8 +65,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import resume_exact as exact
-from .defects import DefectLog, SampleDefect, SampleFiltered, TRUNCATED_SHARD
-from .shards import ShardError, iter_shard
+from .defects import REASONS, TRUNCATED_SHARD, DefectLog, SampleDefect, SampleFiltered
+from .shards import DEFAULT_RETRY_FOR_S, ShardError, iter_shard
 from .sources import DataError, Source
 
 STATE_VERSION = 1
@@ -252,6 +256,8 @@ class StreamSpec:
     interleave: int = 4
     retries: int = 4
     retry_backoff: float = 0.5
+    retry_for_s: float = DEFAULT_RETRY_FOR_S   # a failing read is retried at least this long
+    verify_checksums: bool = True   # a shard read to its end is checked against the manifest's sha256
     max_epochs: int | None = None   # None: endless (training)
     drop_last: bool = False         # only meaningful for a finite stream
 
@@ -260,14 +266,16 @@ class _OpenShard:
     """One shard being read by a slot, with the bookkeeping for its cursor and pending set."""
 
     def __init__(self, epoch: int, shard: int, url: str, expected: int | None, cursor: int,
-                 pending: frozenset[int], spec: StreamSpec):
+                 pending: frozenset[int], spec: StreamSpec, sha256: str | None = None):
         self.epoch, self.shard, self.url, self.expected = epoch, shard, url, expected
         self.cursor = cursor
         self.unread_pending = set(pending)   # consumed-state holes not yet re-read
         self.in_buffer = 0
         self.read_done = False
+        self.gave_up = False                 # its reads failed through the whole retry budget
         want = (lambda i: i >= cursor or i in pending) if (cursor or pending) else None
-        self._it = iter_shard(url, retries=spec.retries, backoff=spec.retry_backoff, want=want)
+        self._it = iter_shard(url, retries=spec.retries, backoff=spec.retry_backoff, want=want,
+                              retry_for_s=spec.retry_for_s, sha256=sha256 if spec.verify_checksums else None)
 
     def next(self, defects: DefectLog):
         """The next wanted sample ``(index, key, files)``, or None at the end of the shard."""
@@ -281,6 +289,7 @@ class _OpenShard:
             self._end(defects)
             return None
         except ShardError as e:
+            self.gave_up = e.gave_up
             defects.defect(e.reason, self.url, detail=e.detail)
             if self.expected is not None:
                 defects.lost_samples += max(0, self.expected - max(e.read, self.cursor))
@@ -318,6 +327,7 @@ class _SourceReader:
         self._deal: tuple[int | None, list] = (None, [])
         self._watch: dict[int, dict[str, int]] = {int(e): dict(w) for e, w in record["watch"].items()}
         self.exhausted = bool(record["exhausted"])
+        self.draining = bool(record.get("draining", False))
         self.open: list[_OpenShard] = []
         self.active: dict[tuple[int, int], _OpenShard] = {}
         self.buffer: list[tuple[int, int, int, str, dict[str, bytes]]] = []
@@ -329,7 +339,8 @@ class _SourceReader:
         ids = exact.unpack_ids(record["buffer"])
         if ids:
             url_of = lambda s: self.source.shards[s].url  # noqa: E731
-            for entry in exact.reread_buffer(url_of, ids, spec.retries, spec.retry_backoff, defects):
+            for entry in exact.reread_buffer(url_of, ids, spec.retries, spec.retry_backoff, defects,
+                                             retry_for_s=spec.retry_for_s):
                 self.active[(entry[0], entry[1])].in_buffer += 1
                 self.buffer.append(entry)
             for sh in list(self.active.values()):  # one whose samples could not be re-read
@@ -338,7 +349,8 @@ class _SourceReader:
 
     def _open(self, e: int, s: int, cursor: int, pending: frozenset[int]) -> "_OpenShard":
         sh = self.source.shards[s]
-        task = self.active[(e, s)] = _OpenShard(e, s, sh.url, sh.samples, cursor, pending, self.spec)
+        task = self.active[(e, s)] = _OpenShard(e, s, sh.url, sh.samples, cursor, pending, self.spec,
+                                                sh.sha256)
         return task
 
     def _tasks_of(self, e: int) -> list[tuple[int, int, frozenset[int]]]:
@@ -393,10 +405,16 @@ class _SourceReader:
         if not w["ok"]:
             raise DataError(f"no usable sample in {w['shards']} shards of {self.source.url} "
                             f"(epoch {epoch}): defects so far {dict(self.defects.by_reason)}, "
-                            f"filtered {dict(self.defects.filtered)}; the data or the filters leave "
-                            f"nothing to train on")
+                            f"filtered {dict(self.defects.filtered)}, lost samples {self.defects.lost_samples}; "
+                            f"the data or the filters leave nothing to train on, or the source could not be "
+                            f"read for data.retry_for_s={self.spec.retry_for_s:g}s")
 
-    def _read_one(self) -> bool:
+    def _read_one(self) -> bool | None:
+        """Read one sample into the buffer: True; False when this slot has no shard left (a
+        finite stream's end); None when a shard's reads were just given up (after
+        ``retry_for_s``): the reader then drains its buffer before it tries the next shard, so
+        the samples already read go out, with the count of what was lost, instead of waiting
+        while shard after shard of a source that is down fails (see :meth:`pop`)."""
         while True:
             while len(self.open) < self.spec.interleave:
                 task = self._next_task()
@@ -412,6 +430,9 @@ class _SourceReader:
                 self.open.pop(j)
                 self._retire_if_done(sh)
                 self._shard_ended(sh)
+                if sh.gave_up:
+                    self.draining = True
+                    return None
                 continue
             i, key, files = item
             if self.spec.prefilter is not None:
@@ -431,10 +452,19 @@ class _SourceReader:
             self.done_delta.append((sh.epoch, sh.shard))
 
     def pop(self):
-        """A random sample from the buffer (refilled first), or None when the source is over."""
-        while len(self.buffer) < self.spec.shuffle_buffer and self._read_one():
-            pass
+        """A random sample from the buffer (refilled first, except while it drains after reads
+        were given up), or None when the source is over, or when the buffer is empty right after
+        reads were given up (the next call goes on reading)."""
+        read: bool | None = True
+        if not (self.draining and self.buffer):
+            self.draining = False
+            while len(self.buffer) < self.spec.shuffle_buffer:
+                read = self._read_one()
+                if not read:
+                    break
         if not self.buffer:
+            if read is None:
+                return None
             self.exhausted = True
             return None
         j = int(self.rng.integers(len(self.buffer)))
@@ -463,14 +493,14 @@ class _SourceReader:
                 "retiring": [[e, s, sh.cursor] for (e, s), sh in self.active.items() if sh.read_done],
                 "buffer": exact.pack_ids([entry[:3] for entry in self.buffer]),
                 "watch": {str(e): dict(w) for e, w in self._watch.items()},
-                "exhausted": self.exhausted}
+                "exhausted": self.exhausted, "draining": self.draining}
 
 
 WORKER_TERM_GRACE_S = 300
 
 
-def _shield_worker_from_job_signals(_worker_id: int) -> None:
-    """Keep a loader worker alive through the job's stop signals.
+def _shield_worker_from_job_signals(closing, _worker_id: int) -> None:
+    """Keep a loader worker alive through the job's stop signals, and no longer than its loader.
 
     Slurm delivers ``scancel --signal`` and pre-emption's SIGTERM to every process of the job
     step, loader workers included. A worker that dies of it makes the main process raise at its
@@ -479,13 +509,61 @@ def _shield_worker_from_job_signals(_worker_id: int) -> None:
     down through their queues; a worker ignores SIGUSR1/SIGUSR2 and, on SIGTERM, only arms an
     alarm that ends it after ``WORKER_TERM_GRACE_S`` should that orderly shutdown never come
     (its parent's watchdog ends it sooner if the parent dies).
+
+    ``closing`` (a shared flag) tells the two SIGTERMs apart: the main process sets it once its
+    iteration is over, before the ``DataLoader`` or ``multiprocessing``'s exit handler terminate
+    the workers that have not left through their queues (one busy retrying a read, or all of
+    them when the process exits on an error with the iterator still referenced by the
+    traceback). Such a SIGTERM ends the worker at once (exit status 0). Without the flag every
+    failed run waited out the alarm: ``multiprocessing`` joins its terminated children at exit,
+    so a fatal error took 5 minutes to end the process.
     """
+    import os
     import signal
 
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, lambda *_: signal.alarm(WORKER_TERM_GRACE_S))
+
+    def on_term(*_):
+        if closing.value:
+            os._exit(0)
+        signal.alarm(WORKER_TERM_GRACE_S)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+# The closing flags of the iterations with live workers, set at interpreter exit before
+# multiprocessing's own exit handler (registered earlier, so it runs later) terminates them.
+_LIVE_FLAGS: list[Any] = []
+_ATEXIT_REGISTERED = False
+
+
+def _closing_flag():
+    """A new shared flag for :func:`_shield_worker_from_job_signals`, also set on interpreter exit."""
+    global _ATEXIT_REGISTERED
+    import multiprocessing.util  # noqa: F401 - its exit handler must be registered before ours
+
+    import torch.multiprocessing as tmp
+
+    flag = tmp.get_context().Value("b", 0, lock=False)
+    if not _ATEXIT_REGISTERED:
+        import atexit
+
+        atexit.register(_set_all_closing)
+        _ATEXIT_REGISTERED = True
+    _LIVE_FLAGS.append(flag)
+    return flag
+
+
+def _release_flag(flag) -> None:
+    flag.value = 1
+    _LIVE_FLAGS[:] = [f for f in _LIVE_FLAGS if f is not flag]
+
+
+def _set_all_closing() -> None:
+    for flag in _LIVE_FLAGS:
+        flag.value = 1
 
 
 # Small tensors leave a worker by value, inside the pickle. A tensor's default way out (its storage
@@ -764,15 +842,91 @@ class StreamingLoader:
         starts, offset = self._slot_starts()
         ds = ShardStream(self.spec, starts, self.rank, self.world_size, offset)
         kwargs: dict[str, Any] = {}
+        closing = None
         if self.num_workers > 0:
-            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
-        if self.num_workers > 0:
-            kwargs["worker_init_fn"] = _shield_worker_from_job_signals
+            closing = _closing_flag()
+            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False,
+                      "worker_init_fn": functools.partial(_shield_worker_from_job_signals, closing)}
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory and torch.cuda.is_available(), **kwargs)
-        for batch in loader:
-            self._progress.update(pickle.loads(batch.pop("__state__")))
-            if not batch:
-                continue  # a worker's closing message: progress only
-            batch = _unwrap(batch)
-            yield self.postprocess(batch) if self.postprocess else batch
+        it = iter(loader)
+        try:
+            for batch in it:
+                self._progress.update(pickle.loads(batch.pop("__state__")))
+                if not batch:
+                    continue  # a worker's closing message: progress only
+                batch = _unwrap(batch)
+                yield self.postprocess(batch) if self.postprocess else batch
+        finally:
+            # Ended, closed or failed: the workers go now. A worker that does not leave through
+            # its queue within the DataLoader's grace (busy retrying a read) is terminated, and
+            # the flag makes that SIGTERM end it (see _shield_worker_from_job_signals).
+            if closing is not None:
+                _release_flag(closing)
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del it
+
+    # -- what the data cost: defects and lost samples, for logs, status and the give-up policy
+    def data_totals(self) -> dict[str, float]:
+        """The run's data counts so far, over every rank (a collective under torch.distributed,
+        like :meth:`state_dict`): the count of each defect reason (:data:`data_pipeline.defects.
+        REASONS`), ``defects`` (their sum), ``filtered``, ``lost_samples``, ``samples`` (delivered
+        to training) and ``lost_fraction`` (:func:`lost_fraction`). They include what the loaded
+        state (a checkpoint) counted before, and what the workers counted up to the batches
+        delivered so far."""
+        mine = self._progress.defects
+        local = [float(mine.by_reason.get(r, 0)) for r in REASONS]
+        local += [float(sum(mine.filtered.values())), float(mine.lost_samples), float(self._progress.samples)]
+        r, w = _dist_info()
+        if w > 1:
+            backend = torch.distributed.get_backend()
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            t = torch.tensor(local, dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t)
+            local = t.cpu().tolist()
+        base = self._base.get("defects", {})
+        by_reason = base.get("by_reason", {})
+        out = {reason: by_reason.get(reason, 0) + v for reason, v in zip(REASONS, local)}
+        out["defects"] = sum(out.values()) + sum(v for k, v in by_reason.items() if k not in REASONS)
+        out["filtered"] = sum(base.get("filtered", {}).values()) + local[len(REASONS)]
+        out["lost_samples"] = int(base.get("lost_samples", 0)) + local[len(REASONS) + 1]
+        out["samples"] = int(self._base["samples"]) + local[len(REASONS) + 2]
+        out = {k: float(v) for k, v in out.items()}
+        out["lost_fraction"] = lost_fraction(out["lost_samples"], out["samples"], self.epoch_samples)
+        return out
+
+    @property
+    def epoch_samples(self) -> int | None:
+        """Samples in one epoch of every dataset (None if a manifest does not say)."""
+        counts = [src.total_samples for src in self.spec.sources]
+        return None if any(c is None for c in counts) else int(sum(counts))
+
+
+def lost_fraction(lost: float, delivered: float, epoch_samples: int | None = None) -> float:
+    """Lost samples over the samples the run has asked for so far (delivered + lost), but over
+    no fewer than one epoch of the data: a shard lost in the first minutes of a run is judged
+    against the dataset, not against the few batches read before it."""
+    total = max(lost + delivered, float(epoch_samples or 0))
+    return lost / total if total > 0 else 0.0
+
+
+class DataLossError(DataError):
+    """The run lost more of its data than ``data.max_lost_fraction`` allows."""
+
+
+def check_lost_fraction(totals: dict[str, float], max_fraction: float, retry_for_s: float | None = None) -> None:
+    """Raise :class:`DataLossError` (one line) when ``totals`` (:meth:`StreamingLoader.data_totals`)
+    lost more than ``max_fraction`` of the samples; ``max_fraction >= 1`` never stops."""
+    frac = totals.get("lost_fraction", 0.0)
+    if max_fraction >= 1 or frac <= max_fraction:
+        return
+    reasons = ", ".join(f"{k} {int(totals[k])}" for k in REASONS if totals.get(k))
+    hint = (f" (a read is retried for data.retry_for_s={retry_for_s:g}s before its shard counts as lost)"
+            if retry_for_s is not None else "")
+    raise DataLossError(
+        f"{int(totals['lost_samples'])} samples lost, {frac:.1%} of the data read so far, more than "
+        f"data.max_lost_fraction={max_fraction:g}: {reasons or 'no defect counted'}{hint}; fix or restore "
+        f"the data (vqscale data inspect) and resume from the last checkpoint, which reads again what "
+        f"was lost after it, or raise data.max_lost_fraction")

@@ -194,6 +194,35 @@ def parse_checksums(text: str, where: str) -> dict[str, str]:
     return sums
 
 
+def check_safetensors_file(path: str, where: str) -> None:
+    """Raise :class:`PackageError` unless ``path`` starts like a safetensors file: an 8-byte
+    little-endian header length, then that many bytes of a JSON object. A pickle renamed
+    ``model.safetensors`` (its checksum updated to match) used to fail inside safetensors' loader
+    with "header too large" and a traceback. ``path`` may be a URL (two small reads)."""
+    try:
+        size = storage.size(path)
+    except FileNotFoundError:
+        raise PackageError(f"{where} is missing") from None
+    with storage.open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        problem = None
+        if n < 2 or n > size - 8:
+            problem = (f"its first 8 bytes give a header of {n} bytes in a file of {size}" if n >= 0
+                       else f"it has {size} bytes")
+        else:
+            try:
+                header = json.loads(f.read(n))
+                if not isinstance(header, dict):
+                    problem = "its header is not a JSON object"
+            except ValueError:
+                problem = "its header is not JSON"
+    if problem:
+        raise PackageError(f"{where} is not a safetensors file ({problem}; a pickle or another format under "
+                           f"that name?): packages hold safetensors weights only, so write it again with "
+                           f"`vqscale zoo export` or model_zoo.package.save_package")
+
+
 def verify_folder(folder: str, url: str = "") -> dict[str, Any]:
     """Check a local package folder against its checksums; return its ``config.json``."""
     where = url or folder
@@ -213,6 +242,8 @@ def verify_folder(folder: str, url: str = "") -> dict[str, Any]:
             raise PackageError(f"{where}: missing file {rel} (listed in {CHECKSUMS})")
         if sha256_file(file) != digest:
             raise PackageError(f"{where}: checksum mismatch for {rel} (corrupt or modified file)")
+        if rel.rsplit("/", 1)[-1] == WEIGHTS:
+            check_safetensors_file(file, f"{where}: {rel}")
     with open(os.path.join(folder, CONFIG)) as f:
         meta = checked_meta(json.load(f), where)
     if meta.get("tokenizer"):

@@ -289,17 +289,35 @@ def _demo_closing_line(m: dict) -> str:
             f"judge FID {f(m.get('digits_fid'), '.1f')}")
 
 
+def _urls(args: argparse.Namespace) -> list[str]:
+    """Every string argument of the command (URLs, ``--set KEY=URL`` overrides): what
+    :func:`data_pipeline.storage.check_access` checks before the verb starts (no credentials, a
+    dead endpoint or a missing bucket is one line and exit 2, not a traceback after retries)."""
+    out = []
+    for v in vars(args).values():
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out += [x for x in v if isinstance(x, str)]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from data_pipeline.sources import DataError
+    from data_pipeline.storage import StorageError
 
     from .checksums import CheckpointDamaged
     from .config import ConfigError
     from .safe_load import UnsafeCheckpointError
 
     try:
+        if args.verb != "submit":     # a job's command checks its storage where it runs
+            from data_pipeline import storage
+
+            storage.check_access(*_urls(args))
         if args.verb == "demo":
             from .demo import run_demo
 
@@ -368,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return main_status(args)
         if args.verb == "zoo":
             return _zoo(args)
-    except (ConfigError, DataError, UnsafeCheckpointError, CheckpointDamaged) as e:
+    except (ConfigError, DataError, UnsafeCheckpointError, CheckpointDamaged, StorageError) as e:
         print(f"vqscale: error: {e}", file=sys.stderr)
         return 2
     raise AssertionError(args.verb)

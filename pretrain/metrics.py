@@ -9,6 +9,7 @@ training loop calls it unconditionally.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -139,12 +140,17 @@ class MetricLogger:
         self.close()
 
 
-def update_status(run_dir: str, **fields: Any) -> dict:
-    """Merge ``fields`` into ``RUN_DIR/status.json`` and return the whole status.
+def update_status(run_dir: str, drop: tuple[str, ...] = (), **fields: Any) -> dict:
+    """Merge ``fields`` into ``RUN_DIR/status.json`` (less the keys in ``drop``) and return the
+    whole status.
 
     Two writers share the file: the cluster layer (job id, requeues, the submitit folder) and the
     trainer's rank 0 (state, step, last checkpoint); merging keeps each one's fields. A file that
     cannot be read (a half-copied one on a shared filesystem) starts afresh rather than failing.
+
+    The write is atomic (a new file renamed over the old). On a full local disk, where a new file
+    cannot be made, the file is overwritten in place instead: its own blocks hold the few hundred
+    bytes, so a run that failed because the disk filled up still says so.
     """
     url = storage.join(run_dir, "status.json")
     try:
@@ -154,6 +160,16 @@ def update_status(run_dir: str, **fields: Any) -> dict:
     if not isinstance(current, dict):
         current = {}
     current.update(fields)
+    for key in drop:
+        current.pop(key, None)
     current["time"] = time.time()
-    storage.write_json(url, current)
+    try:
+        storage.write_json(url, current)
+    except OSError as e:
+        if e.errno != errno.ENOSPC or storage.is_remote(url) or not storage.exists(url):
+            raise
+        data = (json.dumps(current, indent=2) + "\n").encode()
+        with open(storage.local_path(url), "r+b") as f:      # no new blocks for a file this small
+            f.write(data)
+            f.truncate()
     return current

@@ -306,3 +306,32 @@ def as_package(path: str, kind: str | None = None) -> str:
         if meta["kind"] != kind:
             raise ResolveError(f"{path} is a {meta['kind']} package ({meta['name']}), not a {kind}")
     return url
+
+
+def check_model_path(path: str, kind: str | None = None) -> None:
+    """What :func:`as_package` would load, checked before anything starts and without exporting:
+    ``path`` is a zoo package (of ``kind``; a local one verified against its checksums, its
+    weights a safetensors file), a run directory with a checkpoint or a step folder. Raises
+    :class:`ResolveError` or :class:`~model_zoo.package.PackageError` (a pickle given as a prior's
+    tokenizer used to fail inside the run's setup, after the process group and config.json)."""
+    from model_zoo.package import WEIGHTS, check_safetensors_file, is_package, read_config, verify_folder
+
+    path = os.fspath(path)
+    if is_package(path):
+        meta = read_config(path)
+        if kind is not None and meta["kind"] != kind:
+            raise ResolveError(f"{path} is a {meta['kind']} package ({meta['name']}), not a {kind}")
+        if not storage.is_remote(path):
+            verify_folder(storage.local_path(path), path)
+        else:            # the whole package is downloaded and verified when it is loaded
+            check_safetensors_file(storage.join(path, WEIGHTS), f"{path}: {WEIGHTS}")
+        return
+    if not storage.is_remote(path) and os.path.isfile(storage.local_path(path)):
+        raise ResolveError(f"{path} is a file (a pickle?), not a model-zoo package, a run directory or a step folder")
+    step = _step_folder(path)
+    try:
+        stage = (storage.read_json(storage.join(step, "meta.json")).get("config") or {}).get("stage")
+    except (OSError, ValueError, AttributeError):
+        stage = None        # a damaged step: the load passes over it and says why
+    if kind is not None and stage is not None and stage != kind:
+        raise ResolveError(f"{path} holds a checkpoint of a {stage} run, not of a {kind}")

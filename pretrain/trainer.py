@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipeline import storage
+from data_pipeline.stream import check_lost_fraction
 
 from . import checkpoint as ckpt
 from .config import ConfigError, to_dict, write_resolved
@@ -67,11 +68,30 @@ from .repro import run_metadata, seed_everything
 
 log = logging.getLogger("vqscale.trainer")
 
-__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "model_from_config"]
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "CheckpointSaveError", "model_from_config"]
 
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; a checkpoint of the last good weights was written."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (the previous one stays ``latest``)."""
+
+
+def _disk_note(run_dir: str, e: BaseException) -> str:
+    """``" (no space left on DEVICE: N bytes free)"`` when a local run directory's disk is full:
+    DeepSpeed's and torch's writers report a full disk as ``unexpected pos 7424 vs 7316``."""
+    if storage.is_remote(run_dir):
+        return ""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(storage.local_path(run_dir)).free
+    except OSError:
+        return ""
+    full = free < 1 << 20 or getattr(e, "errno", None) == 28 or "No space left" in str(e)
+    return f" (no space left on the run directory's disk: {free} bytes free)" if full else ""
 
 
 @dataclass
@@ -176,7 +196,9 @@ class Trainer:
         self.progress = cfg.log.progress if progress is None else progress
         self.run_dir = self.cfg.run_dir
         check_model_args(cfg)
+        check_storage(self.cfg)
         _check_init_from(cfg.checkpoint.init_from)
+        check_prior_inputs(cfg)
 
     # -- setup ----------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -297,8 +319,11 @@ class Trainer:
             return image_loader(dcfg, batch, seed=seed, device=self.device), {}
         from data_pipeline.codes import code_loader
 
-        loader = code_loader(url, batch, seed=seed, num_workers=workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                             interleave=cfg.data.interleave, pin_memory=cfg.data.pin_memory)
+        d = cfg.data
+        loader = code_loader(url, batch, seed=seed, num_workers=workers, shuffle_buffer=d.shuffle_buffer,
+                             interleave=d.interleave, pin_memory=d.pin_memory, retries=d.retries,
+                             retry_backoff=d.retry_backoff, retry_for_s=d.retry_for_s,
+                             verify_checksums=d.verify_checksums)
         dec = loader.spec.decode
         derived = {"codebook_size": dec.codebook_size, "grid_size": dec.grid_size, "num_tokens": dec.num_tokens}
         return loader, derived
@@ -439,25 +464,50 @@ class Trainer:
     def _save(self, metrics: dict[str, float]) -> str:
         self._settle_counters()
         state = self.loader.state_dict()
-        url = ckpt.save_checkpoint(self.run_dir, self.step, self.engines, emas=self.emas,
-                                   samples_seen=int(state["samples"]), loader_state=state,
-                                   config=to_dict(self.cfg), metrics=metrics,
-                                   keep_last=self.cfg.checkpoint.keep_last,
-                                   extra_meta={"trainer": dict(self.counters),
-                                               "trainer_model_args": self.derived,
-                                               "tokenizer_package": self.tokenizer_identity})
+        try:
+            url = ckpt.save_checkpoint(self.run_dir, self.step, self.engines, emas=self.emas,
+                                       samples_seen=int(state["samples"]), loader_state=state,
+                                       config=to_dict(self.cfg), metrics=metrics,
+                                       keep_last=self.cfg.checkpoint.keep_last,
+                                       extra_meta={"trainer": dict(self.counters),
+                                                   "trainer_model_args": self.derived,
+                                                   "tokenizer_package": self.tokenizer_identity})
+        except Exception as e:
+            raise CheckpointSaveError(f"saving the checkpoint of step {self.step} into {self.run_dir} failed"
+                                      f"{_disk_note(self.run_dir, e)}: {one_line_reason(e)}") from e
         self.last_checkpoint = url
         self.logger.flush()              # what a checkpoint covers is also in metrics.jsonl and tb/
         self._status("running")
         return url
 
-    def _status(self, state: str) -> None:
+    def _status(self, state: str, reason: str | None = None) -> None:
+        """``status.json``: state, step, last checkpoint, the data totals of the last log point
+        and, for a failed run, ``reason`` (the error's one line)."""
         if self.rank != 0:
             return
         job = {"job_id": os.environ["SLURM_JOB_ID"]} if os.environ.get("SLURM_JOB_ID") else {}
+        totals = getattr(self, "_data", None)
+        data = _status_data(totals) if totals else {}
         update_status(self.run_dir, state=state, step=self.step, steps=self.cfg.steps,
                       last_checkpoint=self.last_checkpoint, world_size=self.world,
-                      skipped_steps=self.counters["skipped_steps"], **job)
+                      skipped_steps=self.counters["skipped_steps"], **job, **data,
+                      **({"reason": reason} if reason else {}), drop=() if reason else ("reason",))
+        self._data_in_status = dict(totals or {})
+
+    def _failed_before_the_loop(self, e: BaseException) -> None:
+        """Setup or resume failed: ``status.json`` says so, with the reason (rank 0; never raises)."""
+        rank = getattr(self, "rank", None)
+        if rank is None:
+            rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+        if rank != 0:
+            return
+        try:
+            update_status(self.run_dir, state="failed", step=self.step, steps=self.cfg.steps,
+                          last_checkpoint=self.last_checkpoint, reason=one_line_reason(e))
+        except Exception as err:  # noqa: BLE001 - the run's own error is the one to report
+            log.error("could not write %s/status.json: %s", self.run_dir, one_line_reason(err))
+        with contextlib.suppress(Exception):
+            self.logger.close()
 
     def _memory(self) -> dict[str, float]:
         out = {"memory/host_max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -469,15 +519,22 @@ class Trainer:
     def fit(self) -> TrainResult:
         t_start = time.time()
         self.step, self.last_checkpoint, self.samples_seen = 0, None, 0
-        self._setup()
+        self._data: dict[str, float] = {}            # the loader's data totals at the last log point
+        self._data_in_status: dict[str, float] = {}
         cfg = self.cfg
-        resumed = self._resume()
-        if resumed is not None:
-            self.last_checkpoint = ckpt.latest_step_url(self.run_dir)
-        log.info("run %s: %s %s, %d steps, global batch %d = %d ranks x %d micro x %d accumulation%s",
-                 self.run_dir, cfg.stage, cfg.model, cfg.steps, cfg.global_batch_size, self.world, self.micro,
-                 self.gas, f", resumed at step {resumed}" if resumed is not None else "")
-        visual_batch = self._visual_batch() if cfg.validation.visuals_every > 0 else None
+        try:
+            self._setup()
+            resumed = self._resume()
+            if resumed is not None:
+                self.last_checkpoint = ckpt.latest_step_url(self.run_dir)
+            log.info("run %s: %s %s, %d steps, global batch %d = %d ranks x %d micro x %d accumulation%s",
+                     self.run_dir, cfg.stage, cfg.model, cfg.steps, cfg.global_batch_size, self.world, self.micro,
+                     self.gas, f", resumed at step {resumed}" if resumed is not None else "")
+            self._status("running")     # from the start: a run that fails before its first checkpoint says so too
+            visual_batch = self._visual_batch() if cfg.validation.visuals_every > 0 else None
+        except BaseException as e:
+            self._failed_before_the_loop(e)
+            raise
         stop = process_stop_flag().install()
         keys_file = None
         if cfg.log.record_keys:
@@ -491,7 +548,7 @@ class Trainer:
         peak = None if os.environ.get("DS_ACCELERATOR") == "cpu" and not cfg.log.peak_tflops else \
             peak_flops(self.device, cfg.log.peak_tflops or None)
         flops = step_flops_per_sample(cfg, self.derived) if peak is not None else None
-        state, last_metrics = "finished", {}
+        state, last_metrics, reason = "finished", {}, None
         window = _new_window()
         prof = None
         batches = self._batches()
@@ -539,9 +596,14 @@ class Trainer:
                 if self.step % cfg.log.every == 0 or self.step == cfg.steps or self.step == 1:
                     last_metrics = self._log(metrics, window, peak)
                     if bar is not None:
+                        lost = {k: int(self._data.get(k, 0)) for k in ("defects", "lost_samples")}
                         bar.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}",
-                                        skipped=self.counters["skipped_steps"])
+                                        skipped=self.counters["skipped_steps"],
+                                        **{("lost" if k == "lost_samples" else k): v for k, v in lost.items() if v})
                     window = _new_window()
+                    if self.rank == 0 and _counts(self._data) != _counts(self._data_in_status):
+                        self._status("running")       # new defects or losses: visible where users look
+                    check_lost_fraction(self._data, cfg.data.max_lost_fraction, cfg.data.retry_for_s)
                 if bar is not None:
                     bar.update(1)
                 if self.val_loader is not None and cfg.validation.every > 0 and self.step % cfg.validation.every == 0:
@@ -572,22 +634,29 @@ class Trainer:
                     self._save(last_metrics)
             if self.step >= cfg.steps and self.last_checkpoint is None:
                 self._save(last_metrics)      # resumed a finished run: nothing to do
-        except BaseException:
+        except BaseException as e:
             if state != "diverged":
                 state = "failed"
+            reason = one_line_reason(e)
             raise
         finally:
-            stop.uninstall()
-            if prof is not None:
-                prof.stop()
-            if bar is not None:
-                bar.close()
-            if keys_file is not None:
-                keys_file.close()
-            with contextlib.suppress(Exception):     # a failed device must not hide the real error
-                self._settle_counters()
-            self._status(state)
-            self.logger.close()
+            # A failed run ends within seconds, with status "failed" and its reason: the loader's
+            # workers go first (they used to outlive an error by WORKER_TERM_GRACE_S), and no
+            # step of the cleanup may hide the error or keep the status from being written
+            # (a full disk fails the logger's flush too).
+            cleanup = [batches.close, stop.uninstall, prof.stop if prof is not None else None,
+                       bar.close if bar is not None else None, keys_file.close if keys_file is not None else None,
+                       self._settle_counters, lambda: self._status(state, reason), self.logger.close]
+            for fn in cleanup:
+                if fn is None:
+                    continue
+                try:
+                    fn()
+                except Exception as cleanup_error:  # noqa: BLE001 - the run's own outcome wins
+                    # (a failed device must not hide the real error either: the counters are a report)
+                    if state in ("finished", "stopped") and fn != self._settle_counters:
+                        raise
+                    log.error("while ending a %s run: %s", state, one_line_reason(cleanup_error))
         return TrainResult(run_dir=self.run_dir, state=state, step=self.step, last_checkpoint=self.last_checkpoint,
                            skipped_steps=self.counters["skipped_steps"], resumed_from=resumed,
                            metrics=last_metrics, wall_s=time.time() - t_start)
@@ -613,6 +682,10 @@ class Trainer:
                 out[f"guard/{counter}{c}"] = float(self.counters[f"{counter}{c}"])
         # (the loader's samples_seen is the global count at its last load plus this rank's since)
         out["samples_seen"] = float(self.samples_seen)
+        # What the data cost so far, over ranks and across resumes (a collective): each defect
+        # reason, lost samples and their fraction (the give-up policy judges it after the log).
+        self._data = self.loader.data_totals()
+        out.update({f"data/{k}": v for k, v in self._data.items() if k != "samples"})
         if peak is not None:
             out["mfu"] = window["flops"] / dt / peak
         out.update(self._memory())
@@ -637,6 +710,31 @@ class Trainer:
         return prof
 
 
+def one_line_reason(e: BaseException) -> str:
+    """An error as the one line ``status.json`` keeps: ``Type: first line``. An error re-raised
+    from a loader worker (``Caught X in DataLoader worker process N.`` and the worker's traceback)
+    gives the worker's own last line."""
+    text = str(e).strip()
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    if lines and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1][:1000]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")[:1000]
+
+
+def _counts(totals: dict[str, float]) -> dict[str, float]:
+    """The defect and loss counts of data totals (not the samples delivered, which always grow)."""
+    return {k: v for k, v in totals.items() if k not in ("samples", "lost_fraction")}
+
+
+def _status_data(totals: dict[str, float]) -> dict[str, Any]:
+    """The data totals as ``status.json`` shows them: samples, defects and lost samples, each
+    defect reason and ``filtered`` that is not zero, and the lost fraction."""
+    counts = {k: int(v) for k, v in totals.items()
+              if k not in ("lost_fraction", "samples") and (v or k in ("defects", "lost_samples"))}
+    return {"data": {"samples": int(totals.get("samples", 0)), **counts,
+                     "lost_fraction": round(totals.get("lost_fraction", 0.0), 6)}}
+
+
 def _check_init_from(url: str) -> None:
     """A warm start that would load nothing is a config error, found before anything starts (a
     mistyped path or a file that is not a checkpoint used to train from scratch after logging
@@ -644,6 +742,61 @@ def _check_init_from(url: str) -> None:
     if url and ckpt.resolve_step_url(url) is None:
         raise ConfigError(f"checkpoint.init_from={url!r}: no checkpoint there; give a run directory (its "
                           "checkpoints/latest), its checkpoints/ folder or a step folder (step_NNNNNNNN)")
+
+
+def check_storage(cfg: RunConfig) -> None:
+    """The run's S3 buckets (data, validation, run directory, tokenizer, warm start) usable:
+    :func:`data_pipeline.storage.check_access`, before anything starts (a StorageError: one line)."""
+    if cfg.data.s3_endpoint_url:
+        storage.configure("s3", endpoint_url=cfg.data.s3_endpoint_url)
+    storage.check_access(cfg.data.url, cfg.validation.url, cfg.run_dir, cfg.tokenizer, cfg.checkpoint.init_from)
+
+
+def check_prior_inputs(cfg: RunConfig) -> None:
+    """A prior run's tokenizer and class count, checked before anything starts (and by ``vqscale
+    submit`` before queueing): ``tokenizer`` must be a tokenizer's zoo package, run directory or
+    step folder (a pickle there failed inside the run's setup), and a class-conditional prior must
+    have a class for every label its code shards record (it failed at step 1)."""
+    if cfg.stage != "prior":
+        return
+    if cfg.tokenizer:
+        from model_zoo.package import PackageError
+
+        from .resolve import ResolveError, check_model_path
+
+        try:
+            check_model_path(cfg.tokenizer, kind="tokenizer")
+        except PackageError as e:      # a package, damaged: the message says how to write it again
+            raise ConfigError(f"tokenizer={cfg.tokenizer!r}: {e}") from None
+        except ResolveError as e:
+            raise ConfigError(f"tokenizer={cfg.tokenizer!r}: {e}; give the tokenizer's zoo package (a folder "
+                              f"with config.json and model.safetensors: `vqscale zoo export RUN_DIR --out DIR` "
+                              f"writes one), its run directory or a step folder") from None
+    _check_class_count(cfg)
+
+
+def _check_class_count(cfg: RunConfig) -> None:
+    if cfg.prior_loss.condition == "unconditional":
+        return
+    from data_pipeline.codes import manifest_labels
+
+    found = {}
+    for url in (cfg.data.url, cfg.validation.url):
+        if url:
+            found.update(manifest_labels(url))
+    if not found:
+        return
+    root, (lo, hi) = max(found.items(), key=lambda kv: kv[1][1])
+    from model_zoo.registry import create_model
+
+    try:
+        with torch.device("meta"):
+            num = getattr(create_model(cfg.model, **_tuples(dict(cfg.model_args))), "num_classes", None)
+    except (TypeError, ValueError):
+        return          # check_model_args reports bad model_args
+    if isinstance(num, int) and hi >= num:
+        raise ConfigError(f"the code shards at {root} have labels {lo}..{hi} ({hi + 1} classes) but the prior "
+                          f"{cfg.model!r} has {num} classes: set --set model_args.num_classes={hi + 1}")
 
 
 def run_train(recipe: str, overrides=(), run_dir: str | None = None, resume: bool = True) -> TrainResult:

@@ -25,6 +25,17 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() == "true"
 
 
+def start_s3_or_skip(server):
+    """Start a SeaweedFS server object; skip the test where it cannot start, fail under CI=true."""
+    try:
+        server.start()
+    except Exception as e:  # noqa: BLE001
+        if _in_ci():
+            raise RuntimeError(f"CI=true and the S3 test server could not start: {e}") from e
+        pytest.skip(f"S3 test server (SeaweedFS) could not start: {e}")
+    return server
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A SeaweedFS S3 server on 127.0.0.1; ``os.environ`` points s3fs at it for the session.
@@ -32,13 +43,7 @@ def s3_server():
     If it cannot start, tests that need it are skipped, except in CI (``CI=true``), where the
     fixture fails instead.
     """
-    server = SeaweedS3()
-    try:
-        server.start()
-    except Exception as e:  # noqa: BLE001
-        if _in_ci():
-            raise RuntimeError(f"CI=true and the S3 test server could not start: {e}") from e
-        pytest.skip(f"S3 test server (SeaweedFS) could not start: {e}")
+    server = start_s3_or_skip(SeaweedS3())
     global _S3_SERVER
     _S3_SERVER = server
     saved = {k: os.environ.get(k) for k in server.env()}

@@ -145,7 +145,7 @@ def test_no_step_that_verifies_stops_with_one_line(reference):
     assert last.startswith("vqscale: error: no checkpoint of") and "step_00000008: model/mp_rank_00" in last, last
     assert "step_00000004: rng/rank0.pt: missing" in last and "--no-resume" in last, last
     status = json.load(open(os.path.join(run, "status.json")))
-    assert status["state"] != "running", status
+    assert status["state"] == "failed" and "no checkpoint of" in status.get("reason", ""), status
 
 
 def test_export_verifies_and_falls_back_or_names_the_damaged_file(reference, tmp_path):

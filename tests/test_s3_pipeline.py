@@ -87,8 +87,8 @@ def test_a_server_that_goes_away_is_counted_not_fatal(tmp_path, s3_bucket, s3_se
         storage.configure("s3", endpoint_url=proxy.endpoint,
                           config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 2})
         try:
-            loader = image_loader(DataConfig(url=remote, resolution=8, retries=1, retry_backoff=0.05), 50,
-                                  num_workers=0, max_epochs=1)
+            loader = image_loader(DataConfig(url=remote, resolution=8, retries=1, retry_backoff=0.05,
+                                             retry_for_s=0), 50, num_workers=0, max_epochs=1)
             proxy.mode = "refuse"
             got = [k for b in loader for k in b["key"]]
         finally:

@@ -33,6 +33,20 @@ def _poison(path: str, marker: str) -> None:
     torch.save({"module": {"w": torch.zeros(2)}, "payload": _RunsCode(marker)}, path)
 
 
+def _poison_in_step(path: str, marker: str) -> None:
+    """Poison a file of a checkpoint step folder and update its checksum manifest as an attacker
+    would (the manifest alone stops an accidental change, not a deliberate one)."""
+    from pretrain.checksums import MANIFEST, manifest_text
+    from model_zoo.package import parse_checksums, sha256_file
+
+    _poison(path, marker)
+    step = os.path.dirname(os.path.dirname(path))
+    sums = parse_checksums(open(os.path.join(step, MANIFEST)).read(), step)
+    sums[os.path.relpath(path, step).replace(os.sep, "/")] = sha256_file(path)
+    with open(os.path.join(step, MANIFEST), "w") as f:
+        f.write(manifest_text(sums))
+
+
 def test_a_pickle_that_runs_code_is_refused(tmp_path):
     marker, bad, good = str(tmp_path / "ran"), str(tmp_path / "bad.pt"), str(tmp_path / "good.pt")
     _poison(bad, marker)
@@ -87,13 +101,13 @@ def test_deepspeed_checkpoints_load_and_poisoned_ones_are_refused(tmp_path):
     resumed = str(tmp_path / "resumed")
     shutil.copytree(run, resumed)
     optim = glob.glob(os.path.join(resumed, "checkpoints", "step_00000002", "model", "*optim_states.pt"))[0]
-    _poison(optim, marker)
+    _poison_in_step(optim, marker)
     res = _train(resumed, codes, tok)
     assert res.returncode == 2, res.stderr[-4000:]
     assert "optim_states.pt holds a Python object" in res.stderr and "refused" in res.stderr
     # a poisoned model state: the export refuses it
     model_states = os.path.join(run, "checkpoints", "step_00000002", "model", "mp_rank_00_model_states.pt")
-    _poison(model_states, marker)
+    _poison_in_step(model_states, marker)
     res = subprocess.run([sys.executable, "-m", "pretrain.cli", "zoo", "export", run, "--out", str(tmp_path / "pkg")],
                          env=job_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "model_states.pt holds a Python object" in res.stderr, res.stderr[-4000:]
