@@ -43,7 +43,7 @@ MODES = ("none", "full", "selective")
 
 
 def measure(recipe: str, overrides: list[str], mode: str, batch: int, dtype: torch.dtype) -> dict:
-    from pretrain.trainer import model_from_config
+    from pretrain.models import model_from_config
 
     cfg = apply_overrides(get_recipe(recipe), overrides)
     with torch.device("meta"):

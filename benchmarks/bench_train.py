@@ -81,7 +81,7 @@ def write_codes(root: str, n: int, grid: tuple[int, int], codebook: int, classes
 
 
 def _meta_shape(recipe: str, overrides: list[str]):
-    from pretrain.trainer import model_from_config
+    from pretrain.models import model_from_config
 
     cfg = apply_overrides(get_recipe(recipe), overrides)
     with torch.device("meta"):

@@ -32,11 +32,11 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("vqscale.cluster")
 
-__all__ = ["VerbJob", "RequeueLimitReached", "PREEMPT_SIGNAL"]
+__all__ = ["VerbJob", "CommandLine", "RequeueLimitReached", "PREEMPT_SIGNAL"]
 
 PREEMPT_SIGNAL = "SIGUSR2"
 
@@ -45,12 +45,24 @@ class RequeueLimitReached(RuntimeError):
     """The job was pre-empted or timed out more often than ``--max-requeues`` allows."""
 
 
+@dataclasses.dataclass(frozen=True)
+class CommandLine:
+    """The ``vqscale`` command as functions, handed down by it (``pretrain/cli.py``, which sees
+    every package) so that cluster never imports the module above it: ``main(argv) -> exit code``
+    runs a verb inside a task (submitit pickles it by reference), ``build_parser()`` checks a
+    command at submission."""
+
+    main: Callable[[list[str]], int]
+    build_parser: Callable[[], Any]
+
+
 @dataclasses.dataclass
 class VerbJob:
     """One ``vqscale VERB ARGS...`` command as a checkpointable submitit job."""
 
     argv: list[str]                    # e.g. ["train", "--recipe", "vim-base", "--run-dir", "..."]
     status_dir: str                    # the folder (or URL) whose status.json this job keeps up to date
+    entry: Callable[[list[str]], int]  # runs the verb: CommandLine.main
     max_requeues: int = 20
     requeues: int = 0
     master_port: int | None = None     # --cluster local: a port chosen at submission
@@ -90,10 +102,8 @@ class VerbJob:
                          submitit_folder=str(env.paths.folder))
         log.info("task %d/%d of job %s (%s, requeue %d): vqscale %s", rank, env.num_tasks, env.job_id,
                  env.cluster, self.requeues, " ".join(self.argv))
-        from pretrain.cli import main
-
         try:
-            rc = main(list(self.argv))
+            rc = self.entry(list(self.argv))
         except BaseException:
             if rank == 0:
                 self._status(state="failed")

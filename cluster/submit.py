@@ -31,6 +31,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from .job import CommandLine
+
 CLUSTERS = ("local", "slurm")
 
 EPILOG = """examples:
@@ -132,10 +134,8 @@ def _fill(argv: list[str], values: dict[str, str]) -> list[str]:
     return out
 
 
-def _parse_verb(argv: list[str]) -> argparse.Namespace:
+def _parse_verb(argv: list[str], build_parser) -> argparse.Namespace:
     """Parse the command with vqscale's own parser so that a typo fails at submission."""
-    from pretrain.cli import build_parser
-
     if not argv:
         raise SubmitError("no command to run: put it after --, e.g. vqscale submit ... -- train --recipe vim-base")
     if argv[0] in ("submit", "status", "demo"):
@@ -156,7 +156,8 @@ def _train_task(argv: list[str], ns: argparse.Namespace, world: int) -> Task:
     from pretrain.config import apply_overrides, to_dict
     from pretrain.engine import gradient_accumulation_steps
     from pretrain.recipes import get_recipe
-    from pretrain.trainer import check_model_args, check_prior_inputs, check_storage
+    from pretrain.models import check_model_args
+    from pretrain.trainer import check_prior_inputs, check_storage
 
     cfg = apply_overrides(get_recipe(ns.recipe), list(ns.overrides))
     check_model_args(cfg)
@@ -184,7 +185,7 @@ def _train_task(argv: list[str], ns: argparse.Namespace, world: int) -> Task:
     return Task(argv=argv, status_dir=run_dir, config=resolved)
 
 
-def make_plan(args: argparse.Namespace) -> Plan:
+def make_plan(args: argparse.Namespace, cli: CommandLine) -> Plan:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -200,7 +201,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     tasks = []
     for values in combos:
         argv = _fill(command, values)
-        ns = _parse_verb(argv)
+        ns = _parse_verb(argv, cli.build_parser)
         if ns.verb == "train":
             tasks.append(_train_task(argv, ns, world))
         else:
@@ -227,7 +228,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         have = torch.cuda.device_count()
         if have < args.nodes * args.gpus_per_node:
             raise SubmitError(f"--cluster local needs {args.nodes * args.gpus_per_node} GPUs, this machine has {have}")
-    recipe = getattr(_parse_verb(tasks[0].argv), "recipe", None)
+    recipe = getattr(_parse_verb(tasks[0].argv, cli.build_parser), "recipe", None)
     name = args.job_name or "-".join(x for x in ("vqscale", verb, recipe) if x)
     return Plan(cluster=args.cluster, nodes=args.nodes, tasks_per_node=tasks_per_node, job_dir=job_dir,
                 tasks=tasks, params=slurm_parameters(args, tasks_per_node, name))
@@ -317,7 +318,7 @@ def executor_for(plan: Plan):
     return ex
 
 
-def submit_plan(plan: Plan, max_requeues: int) -> list:
+def submit_plan(plan: Plan, max_requeues: int, cli: CommandLine) -> list:
     """Submit every task (an array when there are several); returns submitit jobs."""
     from pretrain.metrics import update_status
 
@@ -327,7 +328,8 @@ def submit_plan(plan: Plan, max_requeues: int) -> list:
     from pretrain.distributed import free_port
 
     port = free_port() if plan.cluster == "local" else None
-    jobs_args = [VerbJob(argv=t.argv, status_dir=t.status_dir, max_requeues=max_requeues, master_port=port)
+    jobs_args = [VerbJob(argv=t.argv, status_dir=t.status_dir, entry=cli.main, max_requeues=max_requeues,
+                         master_port=port)
                  for t in plan.tasks]
     if len(jobs_args) == 1:
         jobs = [ex.submit(jobs_args[0])]
@@ -341,9 +343,10 @@ def submit_plan(plan: Plan, max_requeues: int) -> list:
     return jobs
 
 
-def main_submit(args: argparse.Namespace) -> int:
+def main_submit(args: argparse.Namespace, cli: CommandLine) -> int:
+    """``vqscale submit``; ``cli``: the command's own entry points (cluster never imports them)."""
     try:
-        plan = make_plan(args)
+        plan = make_plan(args, cli)
     except SubmitError as e:
         print(f"vqscale: error: {e}", file=sys.stderr)
         return 2
@@ -354,7 +357,7 @@ def main_submit(args: argparse.Namespace) -> int:
         print("# ---- resolved job " + "-" * 61)
         print(json.dumps(describe(plan), indent=2))
         return 0
-    jobs = submit_plan(plan, args.max_requeues)
+    jobs = submit_plan(plan, args.max_requeues, cli)
     for job, t in zip(jobs, plan.tasks):
         print(json.dumps({"job_id": str(job.job_id), "cluster": plan.cluster, "status_dir": t.status_dir,
                           "logs": str(job.paths.folder)}))

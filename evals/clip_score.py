@@ -204,7 +204,8 @@ def evaluate_clip_score(ckpt: str, prompts: str | Sequence[str], out_url: str | 
     formula, sampling, seed), ``seconds`` and ``generation_seconds``."""
     from model_zoo.package import load_prior_with_tokenizer
     from model_zoo.sampling import SamplingConfig
-    from pretrain.sample import resolve_prior, sample_images, save_grid, text_encoder_of
+    from model_zoo.grids import save_grid
+    from pretrain.sample import resolve_prior, sample_images, text_encoder_of
 
     t0 = time.perf_counter()
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -38,9 +38,10 @@ import torch
 from tqdm.auto import tqdm
 
 from data_pipeline import storage
+from model_zoo.grids import save_grid
 from model_zoo.sampling import SamplingConfig, sample_seeds
 from pretrain.distributed import detect_env, init_distributed
-from pretrain.sample import save_grid, text_encoder_of
+from pretrain.sample import text_encoder_of
 
 from .digits import NUM_DIGITS, load_digits_judge, real_digits
 from .inception import RESIZE, to_uint8

@@ -103,7 +103,7 @@ def _local_copy(url: str) -> str:
 
 def to_uint8(images: Tensor) -> Tensor:
     """float ``[B, 3, H, W]`` in ``[-1, 1]`` -> uint8, as a PNG of them is written
-    (``round((x + 1) * 127.5)``, clamped; same as ``pretrain.sample.save_grid``)."""
+    (``round((x + 1) * 127.5)``, clamped; same as ``model_zoo.grids.save_grid``)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
     if images.dtype == torch.uint8:

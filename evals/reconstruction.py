@@ -247,7 +247,7 @@ def evaluate_reconstruction(ckpt: str, data_url: str, out_url: str | None = None
         files = {"codebook_histogram": sibling_url(out_url, "_codebook.png")}
         plot_histogram(stats.counts, files["codebook_histogram"], title=identity["name"])
         if shown:
-            from pretrain.sample import save_grid
+            from model_zoo.grids import save_grid
 
             real_s = torch.cat([r for r, _ in shown])
             recon_s = torch.cat([f for _, f in shown])

@@ -1,7 +1,8 @@
 """The registry of named model presets (timm's ``@register_model``, torchtitan's model specs).
 
 A preset is a function returning a ready ``nn.Module``; keyword overrides replace fields of the
-model's frozen config dataclass. Names are hyphenated and shared with recipes (DESIGN.md):
+model's frozen config dataclass. Every preset is registered once ``model_zoo`` is imported (its
+``__init__`` imports the model files, and importing this module imports the package first). Names are hyphenated and shared with recipes (DESIGN.md):
 ``vit-vqgan-ss``, ``vqgan-f16``, ``mq-vae-f8``, ... and each has a tiny CPU twin ``NAME-tiny``.
 Full-size presets can be built without memory on the meta device::
 
@@ -44,15 +45,8 @@ def register_model(name: str, kind: str = "tokenizer", paper: str = ""):
     return deco
 
 
-def _load_all() -> None:
-    # Importing the model files runs their decorators; the package __init__ does this too, and
-    # doing it here lets `from model_zoo.registry import create_model` work on its own.
-    import model_zoo  # noqa: F401
-
-
 def list_models(kind: str | None = None, tiny: bool | None = None) -> list[str]:
     """Registered names, optionally of one kind and only (or never) the ``-tiny`` twins."""
-    _load_all()
     names = [n for n, e in _MODELS.items() if kind is None or e.kind == kind]
     if tiny is not None:
         names = [n for n in names if n.endswith("-tiny") == tiny]
@@ -60,7 +54,6 @@ def list_models(kind: str | None = None, tiny: bool | None = None) -> list[str]:
 
 
 def model_entry(name: str) -> ModelEntry:
-    _load_all()
     try:
         return _MODELS[name]
     except KeyError:

@@ -377,9 +377,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return main_eval(args)
         if args.verb == "submit":
+            from cluster.job import CommandLine
             from cluster.submit import main_submit
 
-            return main_submit(args)
+            # by its importable name (not __main__ under `python -m`), so submitit pickles a reference
+            from pretrain import cli as command
+
+            return main_submit(args, CommandLine(main=command.main, build_parser=command.build_parser))
         if args.verb == "status":
             from cluster.status import main_status
 

@@ -113,7 +113,9 @@ def run_demo(quick: bool = False, overrides: Sequence[str] = (), data: str | Non
     from model_zoo.sampling import SamplingConfig
 
     from .resolve import as_package
-    from .sample import sample_images, save_grid
+    from model_zoo.grids import save_grid
+
+    from .sample import sample_images
     from .tokenize_job import run_tokenize
 
     own, tok_sets, prior_sets = _split(overrides)

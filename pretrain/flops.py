@@ -83,7 +83,7 @@ def step_flops_per_sample(cfg, derived: dict[str, Any] | None = None) -> dict[st
     """Training FLOPs per sample of one step of the run ``cfg`` (a ``RunConfig``), by parts, counted
     on the meta device at batch 1. ``derived``: what the trainer derives from the data (a prior's
     grid and codebook). Returns ``{"total": ..., part: ...}``."""
-    from .trainer import model_from_config
+    from .models import model_from_config
 
     derived = dict(derived or {})
     with torch.device("meta"):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from data_pipeline import storage
+from model_zoo.grids import DEFAULT_NCOL, image_grid
 
 
 def _scalar(v: Any) -> float | None:
@@ -33,20 +34,6 @@ def _scalar(v: Any) -> float | None:
     if isinstance(v, (int, float, np.integer, np.floating)):
         return float(v)
     return None
-
-
-def image_grid(images: torch.Tensor, ncol: int = 8, pad: int = 2) -> np.ndarray:
-    """float ``[B,3,H,W]`` in [-1, 1] -> uint8 ``[H', W', 3]`` grid (white padding)."""
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    b, h, w, _ = arr.shape
-    ncol = max(1, min(ncol, b))
-    nrow = -(-b // ncol)
-    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i in range(b):
-        r, c = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y: y + h, x: x + w] = arr[i]
-    return grid
 
 
 class MetricLogger:
@@ -95,7 +82,7 @@ class MetricLogger:
         self._maybe_flush()
         return out
 
-    def images(self, step: int, name: str, images: torch.Tensor, ncol: int = 8) -> np.ndarray | None:
+    def images(self, step: int, name: str, images: torch.Tensor, ncol: int = DEFAULT_NCOL) -> np.ndarray | None:
         """Log a grid of ``[B,3,H,W]`` images in [-1, 1]; returns the grid array (rank 0)."""
         if not self.active:
             return None

@@ -181,7 +181,7 @@ def export_step(step_url: str, out: str, ema: bool | None = None, dtype: torch.d
 
     from .config import from_dict
     from .recipes import RunConfig
-    from .trainer import model_from_config
+    from .models import model_from_config
 
     meta = storage.read_json(storage.join(step_url, "meta.json"))
     if not meta.get("config"):

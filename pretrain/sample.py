@@ -30,49 +30,13 @@ sampling settings.
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import time
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from PIL import Image
 
-from data_pipeline import storage
-
-DEFAULT_NCOL = 8
-PAD = 2   # white pixels between (and around) the images of a grid
-
-
-# ------------------------------------------------------------------------------------ grids
-
-def grid_shape(num: int, height: int, width: int, ncol: int = DEFAULT_NCOL) -> tuple[int, int]:
-    """``(H, W)`` in pixels of the grid :func:`save_grid` writes for ``num`` images."""
-    ncol = max(1, min(ncol, num))
-    nrow = math.ceil(num / ncol)
-    return nrow * (height + PAD) + PAD, ncol * (width + PAD) + PAD
-
-
-def grid_image(images: torch.Tensor, ncol: int = DEFAULT_NCOL) -> np.ndarray:
-    """float [-1, 1] ``[B, 3, H, W]`` -> uint8 ``[H', W', 3]``: row-major tiles on white."""
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    b, h, w, _ = arr.shape
-    ncol = max(1, min(ncol, b))
-    grid = np.full((*grid_shape(b, h, w, ncol), 3), 255, dtype=np.uint8)
-    for i in range(b):
-        r, c = divmod(i, ncol)
-        y, x = PAD + r * (h + PAD), PAD + c * (w + PAD)
-        grid[y:y + h, x:x + w] = arr[i]
-    return grid
-
-
-def save_grid(images: torch.Tensor, url: str, ncol: int = DEFAULT_NCOL) -> None:
-    """float [-1, 1] ``[B, 3, H, W]`` -> a PNG grid, written atomically through the storage seam."""
-    buf = io.BytesIO()
-    Image.fromarray(grid_image(images, ncol)).save(buf, format="PNG")
-    storage.write_bytes(url, buf.getvalue())
+from model_zoo.grids import DEFAULT_NCOL, save_grid
 
 
 # ---------------------------------------------------------------------------------- priors

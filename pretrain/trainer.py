@@ -51,7 +51,6 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from data_pipeline import storage
 from data_pipeline.stream import check_lost_fraction
@@ -62,13 +61,14 @@ from .distributed import init_distributed, process_stop_flag, setup_rank_logging
 from .engine import EMA, build_engine, gradient_accumulation_steps
 from .flops import flops_at_step, peak_flops, step_flops_per_sample
 from .metrics import MetricLogger, update_status
+from .models import check_model_args, model_from_config, preset_args
 from .objectives import COLLAPSE_METRIC, CaptionTokenizer, CollapseWatch, build_objective
 from .recipes import RunConfig
 from .repro import run_metadata, seed_everything
 
 log = logging.getLogger("vqscale.trainer")
 
-__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "CheckpointSaveError", "model_from_config"]
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "CheckpointSaveError"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -107,46 +107,6 @@ class TrainResult:
 
 
 # ---- building blocks (also used by the resolver and the demo) ----------------------------------
-
-def _tuples(v: Any) -> Any:
-    if isinstance(v, list):
-        return tuple(_tuples(x) for x in v)
-    if isinstance(v, dict):
-        return {k: _tuples(x) for k, x in v.items()}
-    return v
-
-
-def model_from_config(cfg: RunConfig, derived: dict[str, Any] | None = None, device=None) -> nn.Module:
-    """The run's model: ``cfg.model`` with ``cfg.model_args``, plus ``derived`` values (from the
-    data, e.g. a prior's grid and codebook from the code manifest) for fields the preset's config
-    has and ``model_args`` does not set."""
-    from model_zoo.package import model_config
-    from model_zoo.registry import create_model
-
-    args = _tuples(dict(cfg.model_args))
-    if derived:
-        with torch.device("meta"):
-            names = {f.name for f in dataclasses.fields(model_config(create_model(cfg.model, **args)))}
-        args.update({k: _tuples(v) for k, v in derived.items() if k in names and k not in args and v is not None})
-    ctx = torch.device(device) if device is not None else contextlib.nullcontext()
-    with ctx:
-        return create_model(cfg.model, **args)
-
-
-def check_model_args(cfg: RunConfig) -> None:
-    """``model_args`` that the preset's config does not take (a mistyped ``--set model_args.X=``)
-    or rejects: a config error naming the preset, found by building it on the meta device before
-    anything starts (it was a TypeError from inside the run's setup, after the process group)."""
-    if not cfg.model_args:
-        return
-    from model_zoo.registry import create_model
-
-    try:
-        with torch.device("meta"):
-            create_model(cfg.model, **_tuples(dict(cfg.model_args)))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model_args {json.dumps(cfg.model_args)} for model {cfg.model!r}: {e}") from None
-
 
 def _or_nonfinite(flag: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor:
     bad = ~torch.isfinite(loss.detach()).all()
@@ -446,7 +406,7 @@ class Trainer:
         for name, images in grids.items():
             self.logger.images(self.step, f"visuals/{name}", images)
             if self.rank == 0:
-                from .sample import save_grid
+                from model_zoo.grids import save_grid
 
                 save_grid(images, storage.join(self.run_dir, "samples", f"{name}_{ckpt.step_name(self.step)}.png"))
 
@@ -791,7 +751,7 @@ def _check_class_count(cfg: RunConfig) -> None:
 
     try:
         with torch.device("meta"):
-            num = getattr(create_model(cfg.model, **_tuples(dict(cfg.model_args))), "num_classes", None)
+            num = getattr(create_model(cfg.model, **preset_args(cfg)), "num_classes", None)
     except (TypeError, ValueError):
         return          # check_model_args reports bad model_args
     if isinstance(num, int) and hi >= num:

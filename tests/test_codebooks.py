@@ -339,7 +339,7 @@ def test_every_tokenizer_takes_the_new_kinds_through_its_quantizer_config():
 def test_recipe_overrides_reach_the_quantizer():
     from pretrain.config import ConfigError, apply_overrides
     from pretrain.recipes import get_recipe
-    from pretrain.trainer import model_from_config
+    from pretrain.models import model_from_config
 
     cfg = apply_overrides(get_recipe("vqgan-f8-tiny"), [
         "model_args.quantizer.kind=fsq", "model_args.quantizer.fsq_levels=[8,5,5,5]",

@@ -19,7 +19,7 @@ from evals.clip_score import (CLIPWeightsNotFound, clip_score, clip_weight_candi
                               load_clip, read_prompts)
 from model_zoo import create_model
 from model_zoo.package import save_package
-from pretrain.sample import grid_shape
+from model_zoo.grids import grid_shape
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

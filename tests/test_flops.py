@@ -24,7 +24,7 @@ def test_vim_base_count_matches_the_closed_form():
     cfg = get_recipe("vim-base")
     counted = step_flops_per_sample(cfg)["total"]
     with torch.device("meta"):
-        from pretrain.trainer import model_from_config
+        from pretrain.models import model_from_config
 
         model = model_from_config(cfg)
     t = model.num_tokens + 1          # the class token, then the codes

@@ -171,7 +171,7 @@ def test_features_shapes_finite_deterministic(model):
 
 
 def test_to_uint8_matches_png_of_the_images(tmp_path):
-    from pretrain.sample import PAD, save_grid
+    from model_zoo.grids import PAD, save_grid
     x = _images(2, 8, 8, seed=3) * 1.2   # some values outside [-1, 1]: clamped
     x[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, 0.5 / 127.5 - 1, 1.5 / 127.5 - 1])   # ends, half-way
     u = inc.to_uint8(x)

@@ -10,7 +10,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_pipeline import storage
-from pretrain.metrics import MetricLogger, image_grid
+from model_zoo.grids import image_grid
+from pretrain.metrics import MetricLogger
 
 
 def _events(folder):

@@ -31,7 +31,8 @@ from model_zoo.package import (CHECKSUMS, PackageError, build_model, config_to_d
                                load_prior_with_tokenizer, model_config, save_package, write_checksums)
 from model_zoo.sampling import SamplingConfig
 from pretrain.cli import main as cli_main
-from pretrain.sample import SampleError, grid_shape, run_sample, sample_images
+from model_zoo.grids import grid_shape
+from pretrain.sample import SampleError, run_sample, sample_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER, PRIOR = "vit-vqgan-ss-tiny", "vim-small-tiny"
