@@ -31,6 +31,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from data_pipeline import storage
+
 from .job import CommandLine
 
 CLUSTERS = ("local", "slurm")
@@ -147,10 +149,6 @@ def _parse_verb(argv: list[str], build_parser) -> argparse.Namespace:
         raise SubmitError(f"the command `vqscale {shlex.join(argv)}` does not parse") from e
 
 
-def _is_remote(url: str) -> bool:
-    return "://" in url
-
-
 def _train_task(argv: list[str], ns: argparse.Namespace, world: int) -> Task:
     """Resolve the recipe and overrides now (bad keys fail here) and pin the run dir to an absolute path."""
     from pretrain.config import apply_overrides, to_dict
@@ -162,8 +160,8 @@ def _train_task(argv: list[str], ns: argparse.Namespace, world: int) -> Task:
     cfg = apply_overrides(get_recipe(ns.recipe), list(ns.overrides))
     check_model_args(cfg)
     run_dir = ns.run_dir or cfg.resolved_run_dir()
-    if not _is_remote(run_dir):
-        run_dir = os.path.abspath(run_dir)
+    if not storage.is_remote(run_dir):
+        run_dir = os.path.abspath(storage.local_path(run_dir))
     cfg = dataclasses.replace(cfg, run_dir=run_dir)
     check_storage(cfg)               # its S3 buckets: credentials, endpoint, bucket
     check_prior_inputs(cfg)          # a tokenizer that is no package, too few classes for the labels
@@ -209,13 +207,13 @@ def make_plan(args: argparse.Namespace, cli: CommandLine) -> Plan:
     verb = tasks[0].argv[0]
     if args.job_dir:
         job_dir = args.job_dir
-    elif verb == "train" and len(tasks) == 1 and not _is_remote(tasks[0].status_dir):
+    elif verb == "train" and len(tasks) == 1 and not storage.is_remote(tasks[0].status_dir):
         job_dir = tasks[0].status_dir
     else:
         job_dir = os.path.join("runs", "jobs", f"{verb}-{stamp}")
-    if _is_remote(job_dir):
+    if storage.is_remote(job_dir):
         raise SubmitError(f"--job-dir {job_dir}: submitit writes local files; use a shared filesystem path")
-    job_dir = os.path.abspath(job_dir)
+    job_dir = os.path.abspath(storage.local_path(job_dir))
     for i, t in enumerate(tasks):
         if not t.status_dir:
             t.status_dir = job_dir if len(tasks) == 1 else os.path.join(job_dir, "tasks", str(i))

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from data_pipeline import storage
 from model_zoo.grids import save_grid
 from model_zoo.sampling import SamplingConfig, sample_seeds
-from pretrain.distributed import detect_env, init_distributed
+from pretrain.distributed import detect_env, init_distributed, rank_world
 from pretrain.sample import text_encoder_of
 
 from .digits import NUM_DIGITS, load_digits_judge, real_digits
@@ -69,11 +69,6 @@ class Shard(NamedTuple):
     labels: torch.Tensor
     codes: torch.Tensor
     positions: torch.Tensor | None
-
-
-def _world() -> tuple[int, int]:
-    dist = torch.distributed
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def rank_indices(num_samples: int, rank: int, world_size: int) -> torch.Tensor:
@@ -157,7 +152,7 @@ def generate_sharded(prior_pkg_path, num_samples: int, sampling, seed: int = 0, 
         prior, tokenizer = prior_pkg_path
     else:
         prior, tokenizer, _ = _load_pair(prior_pkg_path, _default_device(device))
-    rank, world = _world()
+    rank, world = rank_world()
     indices = rank_indices(num_samples, rank, world)
     labels = resolve_labels(prior, indices, class_labels)
     parts = list(_batches(prior, tokenizer, indices, labels, prompts, sampling, seed, batch_size, decode))
@@ -169,7 +164,7 @@ def generate_sharded(prior_pkg_path, num_samples: int, sampling, seed: int = 0, 
 def gather_to_rank0(obj: Any) -> list[Any] | None:
     """Every rank's ``obj`` as a list on rank 0 (rank order), None elsewhere. gather_object rather
     than all_gather: only rank 0 scores, and 50k x 2048 features need not be on every rank."""
-    rank, world = _world()
+    rank, world = rank_world()
     out = [obj] if world == 1 else [None] * world if rank == 0 else None
     if world > 1:
         torch.distributed.gather_object(obj, out, dst=0)
@@ -180,10 +175,10 @@ def _on_rank0(fn, what: str):
     """``fn()`` on rank 0; if it raises, every rank raises (rather than wait 30 min in a collective)."""
     result, error = None, None
     try:
-        result = fn() if _world()[0] == 0 else None
+        result = fn() if rank_world()[0] == 0 else None
     except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
         error = e
-    if _world()[1] > 1:
+    if rank_world()[1] > 1:
         box = [None if error is None else f"{what}: {type(error).__name__}: {error}"]
         torch.distributed.broadcast_object_list(box, src=0)
         if box[0] is not None and error is None:
@@ -298,9 +293,9 @@ def evaluate_generation(ckpt: str, out_url: str | None = None, num_samples: int 
     a note when there are none; a path: it must load. ``ref_features``: an .npz with ``pool``
     for KID and precision/recall (and FID when ``ref_stats`` is not given)."""
     t_start = time.perf_counter()
-    if _world()[1] == 1 and detect_env().world_size > 1:   # launched by torchrun/srun, group not up yet
+    if rank_world()[1] == 1 and detect_env().world_size > 1:   # launched by torchrun/srun, group not up yet
         init_distributed()
-    rank, world = _world()
+    rank, world = rank_world()
     device = _default_device(device)
     sampling = SamplingConfig(temperature, top_k, top_p, guidance_scale=guidance, use_cache=use_cache)
     if num_samples < 1 or batch_size < 1:

@@ -62,6 +62,7 @@ from data_pipeline import storage
 
 from . import safe_load
 from .checksums import MANIFEST, CheckpointDamaged, check_files, hash_files, manifest_text, read_manifest
+from .distributed import barrier, rank_world
 
 log = logging.getLogger("vqscale.checkpoint")
 
@@ -117,25 +118,12 @@ def resolve_step_url(url: str) -> str | None:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if _rank_world()[1] > 1:
-        dist.barrier()
-
-
 def _broadcast(obj: Any) -> Any:
     """Rank 0's value on every rank (decisions that must agree, e.g. which folder to load)."""
     import torch.distributed as dist
 
     box = [obj]
-    if _rank_world()[1] > 1:
+    if rank_world()[1] > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -143,7 +131,7 @@ def _broadcast(obj: Any) -> Any:
 def _all_gather(obj: Any) -> list[Any]:
     import torch.distributed as dist
 
-    world = _rank_world()[1]
+    world = rank_world()[1]
     if world == 1:
         return [obj]
     out: list[Any] = [None] * world
@@ -216,7 +204,7 @@ def save_checkpoint(run_dir: str, step: int, engines, *, samples_seen: int = 0,
 
     engines = _as_dict(engines)
     emas = dict(emas or {})
-    rank, world = _rank_world()
+    rank, world = rank_world()
     root = _ckpt_root(run_dir)
     # ds_to_universal (0.19.8) asserts that the model states carry this; it is what makes a
     # checkpoint convertible, i.e. loadable on another world size.
@@ -232,7 +220,7 @@ def save_checkpoint(run_dir: str, step: int, engines, *, samples_seen: int = 0,
     t0 = time.time()
     if rank == 0 and storage.exists(step_url):
         storage.rmtree(step_url)        # left by a save that crashed before `latest`
-    _barrier()
+    barrier()
     stage = storage.StagedDir(step_url) if storage.is_remote(step_url) else None
     local = stage.path if stage else storage.local_path(step_url)
     try:
@@ -247,7 +235,7 @@ def save_checkpoint(run_dir: str, step: int, engines, *, samples_seen: int = 0,
                 json.dump(loader_state, f)
         if stage:
             stage.sync()                # each rank uploads the files it wrote
-        _barrier()                      # every shard of every rank is durable
+        barrier()                      # every shard of every rank is durable
         # Each rank hashes its share: the files it staged, or every world-th file of the shared folder.
         sums = _merge_sums(_all_gather(hash_files(local) if stage else hash_files(local, rank, world)))
         if rank == 0:
@@ -271,7 +259,7 @@ def save_checkpoint(run_dir: str, step: int, engines, *, samples_seen: int = 0,
             storage.write_text(storage.join(root, "latest"), name + "\n")   # atomic, and last
             if keep_last:
                 prune_checkpoints(run_dir, keep_last, current_step=step)
-        _barrier()
+        barrier()
     finally:
         if stage:
             stage.close(sync=False)
@@ -366,7 +354,7 @@ def _restore_fixed_state(engine, engine_dir: str) -> int:
     whole in ZeRO-0/1/2's ``module``, as per-rank ``frozen_param_fragments`` under ZeRO-3.
     Returns the number of tensors restored.
     """
-    from .engine import _gathered
+    from .engine import gathered
 
     states = [safe_load.load(f, map_location="cpu") for f in _model_state_files(engine_dir)]
     module_sd, frozen_shapes = states[0]["module"], states[0].get("frozen_param_shapes") or {}
@@ -386,7 +374,7 @@ def _restore_fixed_state(engine, engine_dir: str) -> int:
             value = torch.cat(frags)[:full_numel].view(frozen_shapes[name])
         else:
             raise KeyError(f"frozen parameter {name} is not in the checkpoint {engine_dir}")
-        with _gathered(engine, [p], modifier_rank=0):
+        with gathered([p], modifier_rank=0):
             p.data.copy_(value.view(p.shape).to(p.dtype))
         count += 1
     return count
@@ -427,13 +415,13 @@ def _repair_zero3_universal(engine, universal_dir: str) -> None:
 def _load_weights(engine, full: dict[str, torch.Tensor]) -> None:
     """Whole fp32 weights into an engine of any stage and world size, then the optimizer's fp32
     master copies from them. Optimizer moments, schedule and step counts are left as they are."""
-    from .engine import _gathered
+    from .engine import gathered
 
     missing = [n for n in engine.module.state_dict() if n not in full]
     if missing:
         raise KeyError(f"the checkpoint lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
     for name, p in engine.module.named_parameters():
-        with _gathered(engine, [p], modifier_rank=0):
+        with gathered([p], modifier_rank=0):
             p.data.copy_(full[name].reshape(p.data.shape).to(p.dtype))
     for name, buf in engine.module.named_buffers():
         if name in full:
@@ -467,13 +455,13 @@ def _fetch_and_check(step_url: str, remote: bool) -> tuple[str, list[str] | None
     """A collective: the step folder as a local folder (downloaded once per node when remote) and
     the problems its manifest finds, gathered from every process ([]: verified; None: a folder
     written before manifests, unverified)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if remote:
         local = _node_stage_dir(step_url)
         if _local_rank() == 0:
             shutil.rmtree(local, ignore_errors=True)
             storage.download_dir(step_url, local)
-        _barrier()
+        barrier()
         index, count = _local_rank(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     else:
         local, index, count = storage.local_path(step_url), rank, world
@@ -493,7 +481,7 @@ def _verified_step(url: str, remote: bool, adopt: bool) -> tuple[str, str] | Non
     checksum manifest, saying which damaged ones it passed over; None when there is nothing to
     load. ``adopt``: a run resuming itself points ``latest`` at the step it fell back to, so the
     next save replaces the damaged steps instead of finding its own step "already saved"."""
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     candidates, note = _broadcast(step_candidates(url) if rank == 0 else None)
     if note and rank == 0:
         log.error("%s", note)
@@ -544,7 +532,7 @@ def load_checkpoint(url: str, engines, *, emas: Mapping[str, Any] | None = None,
     """
     engines = _as_dict(engines)
     emas = dict(emas or {})
-    rank, world = _rank_world()
+    rank, world = rank_world()
     remote = storage.is_remote(os.fspath(url))
     picked = _verified_step(url, remote, adopt=not weights_only)
     if picked is None:
@@ -571,7 +559,7 @@ def load_checkpoint(url: str, engines, *, emas: Mapping[str, Any] | None = None,
                     out = os.path.join(local, "universal", ename)
                     if converter and not os.path.isdir(out):
                         _convert_universal(os.path.join(local, ename), out)
-                    _barrier()
+                    barrier()
                     engine._config.load_universal_checkpoint = True    # read only at load time
                     try:
                         path, client = engine.load_checkpoint(os.path.join(local, "universal"), tag=ename)
@@ -599,7 +587,7 @@ def load_checkpoint(url: str, engines, *, emas: Mapping[str, Any] | None = None,
             rng_restored = True
     finally:
         if remote:
-            _barrier()
+            barrier()
             if _local_rank() == 0:
                 shutil.rmtree(local, ignore_errors=True)
     log.info("resumed from %s (step %d%s)", step_url, meta["step"], ", universal" if any(plan.values()) else "")

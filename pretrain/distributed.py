@@ -35,7 +35,7 @@ log = logging.getLogger("vqscale.dist")
 
 __all__ = ["DistEnv", "detect_env", "expand_nodelist", "slurm_master_port", "init_distributed",
            "destroy_distributed", "exit_process", "setup_rank_logging", "StopFlag", "process_stop_flag",
-           "seed_for", "barrier", "resolve_master_addr", "free_port"]
+           "seed_for", "barrier", "resolve_master_addr", "free_port", "rank_world"]
 
 
 @dataclass(frozen=True)
@@ -265,6 +265,14 @@ def exit_process(code: int) -> NoReturn:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, or (0, 1) without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def barrier() -> None:

@@ -99,6 +99,7 @@ import torch.nn as nn
 
 from . import safe_load
 from .config import json_value
+from .distributed import rank_world
 
 __all__ = ["OptimConfig", "DeepSpeedSettings", "gradient_accumulation_steps", "resolve_bf16",
            "build_ds_config", "weight_decay_groups", "WarmupCosine", "WarmupExponential", "lr_schedule",
@@ -567,7 +568,7 @@ def apply_row_writes(engine, writes) -> None:
             for key in _MOMENTS:
                 if isinstance(state.get(key), torch.Tensor):
                     state[key].masked_fill_(rows.to(state[key].device), 0.0)
-        with _gathered(engine, [p], modifier_rank=0):
+        with gathered([p], modifier_rank=0):
             p.data.copy_(torch.where(rows, w.values.to(p.data), p.data))
         applied, n = getattr(engine, "row_writes_applied", None), names.get(id(p))
         if applied is not None:
@@ -651,38 +652,27 @@ def _guard_bare_optimizer(engine) -> None:
     engine.clip_fp32_gradients = lambda: None
 
 
-def _zero3(engine) -> bool:
-    return engine.zero_optimization_stage() == 3
+def gathered(params: list, modifier_rank: int | None = None):
+    """Whole parameters to read (or, with ``modifier_rank``, to write from that rank): ZeRO-3's
+    partitions gathered; a no-op for parameters that are not partitioned. The one place outside
+    an engine's step that reaches into ZeRO-3's partitioning."""
+    part = [p for p in params if hasattr(p, "ds_id")]
+    if not part:
+        return contextlib.nullcontext()
+    import deepspeed
 
-
-@contextlib.contextmanager
-def _gathered(engine, params: list, modifier_rank: int | None = None) -> Iterator[None]:
-    if _zero3(engine) and params:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
-            yield
-    else:
-        yield
+    return deepspeed.zero.GatheredParameters(part, modifier_rank=modifier_rank)
 
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
     """The whole module state dict as CPU tensors on every rank (a collective under ZeRO-3, which
     gathers all partitions at once: meant for export and tests, not for every step)."""
     module = engine.module
-    with _gathered(engine, list(module.parameters())):
+    with gathered(list(module.parameters())):
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 # ---- EMA -----------------------------------------------------------------------------------------
-def _dp() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class EMA:
     """Exponential moving average of an engine's trainable weights, sharded like ZeRO-3.
 
@@ -698,7 +688,7 @@ class EMA:
     def __init__(self, engine, decay: float = 0.9999, warmup: bool = False):
         self.engine, self.decay, self.warmup = engine, float(decay), warmup
         self.num_updates = 0
-        self.rank, self.world = _dp()
+        self.rank, self.world = rank_world()
         self.params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
         # other names of the same tensors (tied weights), so full_state_dict fills every key
         canonical = {id(p): n for n, p in self.params.items()}
@@ -829,5 +819,5 @@ class EMA:
     @torch.no_grad()
     def _write(self, full: dict[str, torch.Tensor]) -> None:
         for n, p in self.params.items():
-            with _gathered(self.engine, [p], modifier_rank=0):
+            with gathered([p], modifier_rank=0):
                 p.data.copy_(full[n].to(p.device, p.dtype))

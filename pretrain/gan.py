@@ -99,6 +99,7 @@ from torch import Tensor, nn
 
 from model_zoo import losses as L
 
+from .engine import gathered
 from .objectives import TokenizerLossConfig, TokenizerObjective, _device, _model_input, unwrap
 
 log = logging.getLogger("vqscale.gan")
@@ -209,16 +210,6 @@ def _engine_hooks_paused(outputs: Any, module: nn.Module):
             mod.applied_pre_backward_ref_cnt = c
 
 
-def _whole(params: list[nn.Parameter]):
-    """Whole parameters for reading (ZeRO-3: gathered); a no-op for unpartitioned ones."""
-    part = [p for p in params if hasattr(p, "ds_id")]
-    if not part:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(part)
-
-
 # ---- the objective ------------------------------------------------------------------------------
 
 class GANTokenizerObjective(TokenizerObjective):
@@ -292,7 +283,7 @@ class GANTokenizerObjective(TokenizerObjective):
         if self._replica is None:
             self.bind_discriminator(net)
         params = dict(net.named_parameters())
-        with _whole(list(params.values())):
+        with gathered(list(params.values())):
             zero3 = any(hasattr(p, "ds_id") for p in params.values())
             state = {n: (p.detach().clone() if zero3 else p.detach()) for n, p in params.items()}
         state.update({n: b.detach().clone() for n, b in net.named_buffers()})
@@ -313,7 +304,7 @@ class GANTokenizerObjective(TokenizerObjective):
             self._warn_once("adaptive_unused", "the reconstruction or GAN loss does not depend on the last layer; "
                                                "adaptive weight 1.0")
             return torch.ones((), device=g.device)
-        with _whole([owner.weight]):
+        with gathered([owner.weight]):
             w = owner.weight.detach().clone()
         w.requires_grad_(True)
         with torch.enable_grad():

@@ -78,6 +78,9 @@ from model_zoo import losses as L
 from model_zoo.interfaces import TokenizerOutput
 from model_zoo.sampling import SamplingConfig, sample_seeds
 
+from .distributed import rank_world
+from .engine import gathered
+
 __all__ = ["TokenizerLossConfig", "PriorLossConfig", "TokenizerObjective", "PriorObjective",
            "CaptionTokenizer", "build_objective", "unwrap", "COLLAPSE_METRIC", "CollapseWatch", "LOSS_PRESETS"]
 
@@ -123,21 +126,6 @@ def _model_input(model: nn.Module, x: Tensor) -> Tensor:
     """``x`` in the model's parameter dtype (DeepSpeed's bf16 mode casts the module, not its inputs)."""
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     return x if p is None else x.to(p.dtype)
-
-
-def _world_size() -> int:
-    d = torch.distributed
-    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
-
-
-def _gathered(module: nn.Module):
-    """ZeRO-3 partitions parameters; code that reads them outside ``forward`` (sampling) gathers
-    them first. A no-op for unpartitioned modules."""
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-    return deepspeed.zero.GatheredParameters(params)
 
 
 @contextlib.contextmanager
@@ -334,7 +322,7 @@ class TokenizerObjective:
         if "usage" in stats:
             # Usage is of the batch (all-reduced over ranks in training, local in eval); n tokens
             # can use at most n codes, so the warning compares with what the batch could have used.
-            tokens = out.quant.codes.numel() * (_world_size() if training else 1)
+            tokens = out.quant.codes.numel() * (rank_world()[1] if training else 1)
             possible = min(1.0, tokens / codebook_size)
             m["codebook/usage_of_possible"] = stats["usage"] / possible
             m[COLLAPSE_METRIC] = (m["codebook/usage_of_possible"] < self.cfg.collapse_warning_usage).float()
@@ -552,7 +540,7 @@ class PriorObjective:
                                   position_top_k=cfg.visual_position_top_k,
                                   position_top_p=cfg.visual_position_top_p)
         seeds = sample_seeds(cfg.visual_seed, torch.arange(n))
-        with _eval_mode(prior, tok), _gathered(prior):
+        with _eval_mode(prior, tok), gathered(list(prior.parameters())):
             out = prior.generate(self.condition(prior, batch, n), n, sampling, seeds)
             codes, positions = out if isinstance(out, tuple) else (out, None)
             tdev = _device(tok)
