@@ -98,13 +98,44 @@ import torch
 import torch.nn as nn
 
 from . import safe_load
-from .config import json_value
+from .config import ConfigError, json_value
 from .distributed import rank_world
 
-__all__ = ["OptimConfig", "DeepSpeedSettings", "gradient_accumulation_steps", "resolve_bf16",
+__all__ = ["check_deepspeed_version", "DeepSpeedVersionError", "TESTED_DEEPSPEED", "OptimConfig", "DeepSpeedSettings", "gradient_accumulation_steps", "resolve_bf16",
            "build_ds_config", "weight_decay_groups", "WarmupCosine", "WarmupExponential", "lr_schedule",
            "apply_activation_checkpointing",
            "build_engine", "consolidated_state_dict", "EMA"]
+
+
+# The DeepSpeed releases this module was validated on: it patches DeepSpeed's private internals
+# (the ZeRO-3 hooks, the shm op build, the optimizer's step; see build_engine), which change
+# between minor releases without notice. Checked by hand and by the suite on 0.19.8.
+TESTED_DEEPSPEED = ((0, 19), (0, 19))     # (lowest, highest) major.minor
+
+
+class DeepSpeedVersionError(ConfigError):
+    """The installed DeepSpeed is outside the tested range (one line, exit 2)."""
+
+
+def check_deepspeed_version(version: str | None = None) -> str:
+    """Refuse a DeepSpeed outside :data:`TESTED_DEEPSPEED` before anything starts;
+    ``VQSCALE_UNTESTED_DEEPSPEED=1`` turns the refusal into a warning. Returns the version."""
+    import importlib.metadata
+    import logging
+    import re
+
+    version = version or importlib.metadata.version("deepspeed")
+    m = re.match(r"(\d+)\.(\d+)", version)
+    lo, hi = TESTED_DEEPSPEED
+    if m and lo <= (int(m.group(1)), int(m.group(2))) <= hi:
+        return version
+    msg = (f"DeepSpeed {version} is not a release vqscale was tested on ({lo[0]}.{lo[1]}.x to {hi[0]}.{hi[1]}.x: "
+           f"pretrain/engine.py patches its internals): install one with `pip install 'deepspeed=="
+           f"{hi[0]}.{hi[1]}.*'` (make install pins it), or set VQSCALE_UNTESTED_DEEPSPEED=1 to run anyway")
+    if os.environ.get("VQSCALE_UNTESTED_DEEPSPEED", "") == "1":
+        logging.getLogger("vqscale.engine").warning("%s", msg)
+        return version
+    raise DeepSpeedVersionError(msg)
 
 
 @dataclass(frozen=True)

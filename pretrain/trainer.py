@@ -58,7 +58,7 @@ from data_pipeline.stream import check_lost_fraction
 from . import checkpoint as ckpt
 from .config import ConfigError, to_dict, write_resolved
 from .distributed import init_distributed, process_stop_flag, setup_rank_logging
-from .engine import EMA, build_engine, gradient_accumulation_steps
+from .engine import EMA, build_engine, check_deepspeed_version, gradient_accumulation_steps
 from .flops import flops_at_step, peak_flops, step_flops_per_sample
 from .metrics import MetricLogger, update_status
 from .models import check_model_args, model_from_config, preset_args
@@ -157,6 +157,7 @@ class Trainer:
         self.run_dir = self.cfg.run_dir
         check_model_args(cfg)
         check_storage(self.cfg)
+        check_deepspeed_version()
         _check_init_from(cfg.checkpoint.init_from)
         check_prior_inputs(cfg)
 

@@ -113,3 +113,19 @@ def test_cli_reports_a_bad_override_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "vqscale: error: unknown config key 'data.resolutoin' (did you mean 'data.resolution'?); valid here: "
         + ", ".join(sorted(DataConfig.__dataclass_fields__)))
+
+
+def test_a_deepspeed_outside_the_tested_releases_is_refused_in_one_line(monkeypatch):
+    """pretrain/engine.py patches DeepSpeed internals validated on 0.19: another release stops the
+    run before anything starts (ConfigError: one line, exit 2) unless explicitly allowed."""
+    import importlib.metadata
+
+    from pretrain.engine import DeepSpeedVersionError, check_deepspeed_version
+
+    assert check_deepspeed_version() == importlib.metadata.version("deepspeed")     # the pinned one passes
+    assert check_deepspeed_version("0.19.2") == "0.19.2"
+    for bad in ("0.15.4", "0.20.0", "1.0.0", "garbage"):
+        with pytest.raises(DeepSpeedVersionError, match=rf"^DeepSpeed {bad} is not a release vqscale was tested on"):
+            check_deepspeed_version(bad)
+    monkeypatch.setenv("VQSCALE_UNTESTED_DEEPSPEED", "1")
+    assert check_deepspeed_version("0.20.0") == "0.20.0"
