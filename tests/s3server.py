@@ -89,6 +89,17 @@ class SeaweedS3:
         self._client = None
 
     # ------------------------------------------------------------------ lifecycle
+    def _launch(self) -> subprocess.Popen:
+        """``weed`` in its own session, logging to ``log_path``. weed's S3 gateway turns
+        authentication on when AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are in its environment
+        (they become an admin identity) and then answers the anonymous readiness probe with 403
+        forever; a pytest session whose s3_server fixture exported them (tests/conftest.py) passed
+        them to every later server, e.g. bench_loader.py --small after test_trainer's S3 test.
+        The server runs without auth, whatever the caller's environment says."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        return subprocess.Popen(self.cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=self.tmpdir, start_new_session=True, env=env)
+
     def start(self) -> "SeaweedS3":
         if self.proc is not None:
             return self
@@ -126,17 +137,7 @@ class SeaweedS3:
             f.write("[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n")
         self.log_path = os.path.join(self.tmpdir, "weed.log")
         self._log_file = open(self.log_path, "wb")
-        # weed's S3 gateway turns authentication on when AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
-        # are in its environment (they become an admin identity), and then answers the anonymous
-        # readiness probe with 403 forever. A pytest session whose s3_server fixture exported them
-        # (tests/conftest.py) passed them to every later server started in a subprocess, e.g.
-        # bench_loader.py --small after test_trainer's S3 test: "did not become ready (403)". The
-        # server runs without auth, whatever the caller's environment says.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        self.proc = subprocess.Popen(
-            self.cmd, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=self.tmpdir, start_new_session=True, env=env,
-        )
+        self.proc = self._launch()
         try:
             self._wait_ready()
         except Exception as e:

@@ -320,8 +320,7 @@ class RestartableSeaweed(SeaweedS3):
                     os.remove(path)
         if self._log_file is None or self._log_file.closed:
             self._log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=self.tmpdir, start_new_session=True)
+        self.proc = self._launch()       # the same environment as the first start (no AWS_*)
         self._wait_ready()
 
     def ensure_up(self) -> None:
