@@ -107,14 +107,19 @@ def latest_step_url(run_dir: str) -> str | None:
     return storage.join(_ckpt_root(run_dir), name)
 
 
-def resolve_step_url(url: str) -> str | None:
-    """A step folder given itself, a run directory (its ``latest``) or its ``checkpoints/``."""
+def _step_or_run(url: str) -> tuple[str, bool]:
+    """``(url, True)`` for a step folder, else ``(its run directory, False)`` (a run directory or
+    its ``checkpoints/``)."""
     url = os.fspath(url).rstrip("/") if storage.is_remote(os.fspath(url)) else os.fspath(url)
     if parse_step(url) is not None:
-        return url
-    if storage.basename(url) == "checkpoints":
-        url = storage.dirname(url)
-    return latest_step_url(url)
+        return url, True
+    return (storage.dirname(url) if storage.basename(url) == "checkpoints" else url), False
+
+
+def resolve_step_url(url: str) -> str | None:
+    """A step folder given itself, a run directory (its ``latest``) or its ``checkpoints/``."""
+    url, is_step = _step_or_run(url)
+    return url if is_step else latest_step_url(url)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -434,12 +439,9 @@ def step_candidates(url: str) -> tuple[list[str], str | None]:
     """Step folders to try, newest first: a step folder alone; for a run directory its ``latest``
     and then its older steps, the fallbacks. Plus a note when ``latest`` itself is unreadable (then
     every step folder is a candidate)."""
-    url = os.fspath(url)
-    url = url.rstrip("/") if storage.is_remote(url) else url
-    if parse_step(url) is not None:
+    url, is_step = _step_or_run(url)
+    if is_step:
         return [url], None
-    if storage.basename(url) == "checkpoints":
-        url = storage.dirname(url)
     folder = lambda s: storage.join(_ckpt_root(url), step_name(s))  # noqa: E731
     try:
         latest = latest_step_url(url)

@@ -122,16 +122,22 @@ def test_a_damaged_latest_step_falls_back_to_the_newest_that_verifies(reference,
     verify_step_folder(step8, step8)
 
 
+def _resume_as_the_reference(reference, run: str, resumed_from: int) -> str:
+    """Resume ``run``; it must start at ``resumed_from`` and log the reference run's every loss.
+    Returns its stderr."""
+    out = _run(_train_cmd("vim-small-tiny", run, _sets(reference["data"])))
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["resumed_from"] == resumed_from
+    ref, got = _losses(reference["ref"]), _losses(run)
+    assert all(got[s] == ref[s] for s in ref), (ref, got)
+    return out.stderr
+
+
 def test_a_stray_latest_falls_back_to_the_newest_step_that_verifies(reference):
     run = _stopped_at_8(reference, "stray-latest")
     with open(os.path.join(run, "checkpoints", "latest"), "w") as f:
         f.write("\x00\x00garbage")
-    out = _run(_train_cmd("vim-small-tiny", run, _sets(reference["data"])))
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["resumed_from"] == 8
-    assert "latest is unreadable" in out.stderr
-    ref, got = _losses(reference["ref"]), _losses(run)
-    assert all(got[s] == ref[s] for s in ref)
+    assert "latest is unreadable" in _resume_as_the_reference(reference, run, resumed_from=8)
 
 
 def test_no_step_that_verifies_stops_with_one_line(reference):
@@ -171,12 +177,7 @@ def test_a_checkpoint_without_a_manifest_still_resumes(reference):
     meta = json.load(open(os.path.join(step, "meta.json")))
     del meta["checksums"]
     json.dump(meta, open(os.path.join(step, "meta.json"), "w"))
-    out = _run(_train_cmd("vim-small-tiny", run, _sets(reference["data"])))
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["resumed_from"] == 8
-    assert "loaded unverified" in out.stderr
-    ref, got = _losses(reference["ref"]), _losses(run)
-    assert all(got[s] == ref[s] for s in ref)
+    assert "loaded unverified" in _resume_as_the_reference(reference, run, resumed_from=8)
 
 
 def _metric_lines(text: str) -> dict[int, float]:
