@@ -13,7 +13,7 @@ Variants (``--variants``, default all): on the CNN VQGAN f8 backbone at 64 px (8
 * ``vq-plain``: taming's VQ (unfactorized, un-normalized codes, codebook loss), no dead-code
   restart and no data-dependent codebook init;
 * ``vq-restart``: the same with dead-code restarts and ``data_init`` (what vqscale does by default;
-  restarts reach DeepSpeed's master copy, pretrain/engine.py ``apply_row_writes``);
+  restarts reach DeepSpeed's master copy, pretrain/runtime.py ``apply_row_writes``);
 * ``vq-factorized-l2``: ViT-VQGAN's factorized 8-d l2-normalized codes (no restart);
 * ``vq-data-init``: plain VQ with ``data_init`` and no restarts (Reg-VQ's pair);
 * ``regvq``: Regularized VQ (prior KL at weight 0.03, 40% stochastic mask, ``p(k | z)`` at

@@ -6,8 +6,8 @@
 For each config, the model is built on the meta device and cast to ``--dtype``. One training
 forward and backward then runs at ``--micro-batch``, in three modes: no checkpointing, "full"
 (whole blocks recomputed in backward) and "selective" (matmul and attention outputs kept, the ops
-between them recomputed: ``pretrain.engine.apply_activation_checkpointing``). Nothing is computed,
-so full-size models are measured on any machine. Two figures per mode:
+between them recomputed: ``pretrain.activation_checkpointing.apply_activation_checkpointing``).
+Nothing is computed, so full-size models are measured on any machine. Two figures per mode:
 
 * saved bytes: every tensor autograd keeps for the backward, summed by a ``saved_tensors_hooks``
   pack hook. This is the activation memory a GPU holds at the end of the forward, beyond weights,
@@ -34,11 +34,11 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.report import write_json  # noqa: E402
 from pretrain.config import apply_overrides  # noqa: E402
-from pretrain.engine import apply_activation_checkpointing  # noqa: E402
+from pretrain.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
 from pretrain.recipes import get_recipe  # noqa: E402
 
 CONFIGS = {"vim-base": [], "vim-large": [],
-           "t2i-prior-1b": ['model_args.text_encoder_overrides={"pretrained": false}'], "vit-vqgan-bb": []}
+           "t2i-prior-1b": ['model.text_encoder_overrides={"pretrained": false}'], "vit-vqgan-bb": []}
 MODES = ("none", "full", "selective")
 
 

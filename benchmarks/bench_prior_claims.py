@@ -208,7 +208,7 @@ def run_seed(args, seed: int, data: str, val: str) -> list[dict]:
 
 
 def _depth(prior) -> str:
-    cfg = prior.cfg
+    cfg = prior.config
     if hasattr(cfg, "code_transformer"):
         return f"{cfg.code_transformer.depth}+{cfg.position_transformer.depth}x{cfg.code_transformer.width}"
     return f"{cfg.transformer.depth}x{cfg.transformer.width}"

@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     with torch.device(device):
         model = create_model(args.preset, **overrides)
     model = model.to(getattr(torch, args.dtype)).eval()
-    tcfg = model.cfg.transformer
+    tcfg = model.config.transformer
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.preset} depth {tcfg.depth} width {tcfg.width} heads {tcfg.heads} mlp {tcfg.mlp_dim} "
           f"codebook {model.codebook_size}: {params / 1e6:.1f}M params; {model.num_tokens} tokens, "

@@ -4,7 +4,7 @@
         [--model-args '{"transformer": {"width": 256, "mlp_dim": 1024}}'] [--ds-config JSON] [--small]
 
 Owns the measurement of how DeepSpeed ZeRO divides the model states over N data-parallel ranks
-when vqscale builds the engine (``pretrain.engine.build_engine``, fp32, the prior objective
+when vqscale builds the engine (``pretrain.runtime.build_engine``, fp32, the prior objective
 ``pretrain.objectives.PriorObjective`` on random codes and labels). For each (stage, N) the parent
 starts ``python -m torch.distributed.run --nproc-per-node N`` on this file (``DS_ACCELERATOR=cpu``,
 gloo, ``OMP_NUM_THREADS=1``); each rank trains ``--warmup`` steps, then one measured step, and
@@ -240,8 +240,9 @@ def child(args) -> None:
     import torch.distributed as dist
 
     from model_zoo.registry import create_model
-    from pretrain.engine import DeepSpeedSettings, OptimConfig, build_engine
     from pretrain.objectives import PriorObjective
+    from pretrain.optim import OptimConfig
+    from pretrain.runtime import DeepSpeedSettings, build_engine
 
     rss_start = _rss_bytes()
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ dense bf16 for an H100 SXM, torchtitan's figure; ``--peak-tflops`` overrides it)
 best square-matmul rate measured on the same device in the same run.
 
 Timing: ``--warmup`` steps first (compilation, allocator, loader start), then ``--steps`` steps
-between two device synchronizations. The step loop is ``Trainer._train_step`` plus the EMA
+between two device synchronizations. The step loop is the objective's ``train_step`` plus the EMA
 update, as in ``Trainer.fit``, without logging and checkpoints.
 """
 
@@ -57,7 +57,7 @@ from pretrain.recipes import get_recipe  # noqa: E402
 CONFIGS = {
     "vim-base": ("vim-base", 8, []),
     "vim-large": ("vim-large", 2, []),
-    "t2i-prior-1b": ("t2i-prior-1b", 8, ['model_args.text_encoder_overrides={"pretrained": false}']),
+    "t2i-prior-1b": ("t2i-prior-1b", 8, ['model.text_encoder_overrides={"pretrained": false}']),
     "vit-vqgan-bb": ("vit-vqgan-bb", 8, ["tokenizer_loss.perceptual_pretrained=false"]),
     # taming's convolutional VQGAN with PatchGAN: where the conv layout (data.channels_last) tells
     "vqgan-f16": ("vqgan-f16", 8, ["tokenizer_loss.perceptual_pretrained=false"]),
@@ -66,17 +66,21 @@ DEFAULT_CONFIGS = ("vim-base", "vim-large", "t2i-prior-1b", "vit-vqgan-bb")
 
 
 def write_codes(root: str, n: int, grid: tuple[int, int], codebook: int, classes: int, per: int,
-                seed: int = 0) -> str:
-    """Random code shards of ``per`` samples with labels and captions (what a tokenize job writes)."""
+                seed: int = 0, kept: int | None = None) -> str:
+    """Random code shards of ``per`` samples with labels and captions (what a tokenize job writes);
+    ``kept``: a masked tokenizer's codes (MQ-VAE, Stackformer's input), that many sorted positions each."""
     rng = np.random.default_rng(seed)
     entries = []
+    ntok = kept or grid[0] * grid[1]
     for s in range(0, n, per):
         w = CodeShardWriter(root, f"codes-{s // per:06d}.tar", codebook_size=codebook, grid_size=grid)
         for i in range(s, min(n, s + per)):
-            w.write(f"{i:08d}", rng.integers(0, codebook, grid[0] * grid[1]).astype(np.int32),
-                    label=int(rng.integers(classes)), caption=f"a photo of thing {i % 97}")
+            codes = rng.integers(0, codebook, ntok).astype(np.int32)
+            pos = None if kept is None else np.sort(rng.choice(grid[0] * grid[1], kept, replace=False)).astype(np.int32)
+            w.write(f"{i:08d}", codes, positions=pos, label=int(rng.integers(classes)),
+                    caption=f"a photo of thing {i % 97}")
         entries.append(w.close())
-    write_code_manifest(root, entries, "synthetic", "0" * 64, grid, codebook, grid[0] * grid[1])
+    write_code_manifest(root, entries, "synthetic", "0" * 64, grid, codebook, ntok)
     return root
 
 
@@ -122,13 +126,17 @@ def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, 
     batches = trainer._batches()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
+    from pretrain.step import MicroBatches
+
     def step() -> dict:
-        _, info = trainer._train_step(batches)
+        report = trainer.objective.train_step(trainer.engines, MicroBatches(batches, trainer.gas), trainer.step)
         trainer.step += 1
-        if not info["skipped"]:
+        if trainer.guard.observe(trainer.step, report):
             for ema in trainer.emas.values():
                 ema.update()
-        return info
+        disc = report.engines.get("discriminator")
+        return {"wait": report.data_wait_s, "samples": report.samples, "tokens": report.tokens,
+                "disc_ran": bool(disc is not None and disc.learned), "metrics": report.metrics}
 
     for _ in range(args.warmup):
         step()
@@ -143,6 +151,9 @@ def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, 
         disc_steps += bool(info.get("disc_ran"))
     sync()
     wall = time.perf_counter() - t0
+    # what stays allocated between steps (weights, master copy, optimizer state): with the peak, the
+    # memory a larger micro batch needs (benchmarks/gpu_check.py sizes the batch that fills the GPU)
+    resting = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
     flops = step_flops_per_sample(cfg, trainer.derived)
     achieved = flops["total"] * samples / wall
     row = {"config": name, "recipe": recipe, "stage": cfg.stage, "micro_batch": micro,
@@ -156,7 +167,8 @@ def _run_config(name: str, args, work: str, device: torch.device, matmul: dict, 
            "mfu_vs_peak": achieved / peak if peak else None, "mfu_vs_matmul": achieved / matmul["flops"],
            "peak_memory_gb": (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20),
-           "memory_kind": "cuda max allocated" if device.type == "cuda" else "host max RSS (whole process)"}
+           "memory_kind": "cuda max allocated" if device.type == "cuda" else "host max RSS (whole process)",
+           "resting_memory_gb": resting}
     return row
 
 

@@ -152,7 +152,7 @@ def _parse_verb(argv: list[str], build_parser) -> argparse.Namespace:
 def _train_task(argv: list[str], ns: argparse.Namespace, world: int) -> Task:
     """Resolve the recipe and overrides now (bad keys fail here) and pin the run dir to an absolute path."""
     from pretrain.config import apply_overrides, to_dict
-    from pretrain.engine import gradient_accumulation_steps
+    from pretrain.optim import gradient_accumulation_steps
     from pretrain.recipes import get_recipe
     from pretrain.models import check_model_args
     from pretrain.trainer import check_prior_inputs, check_storage

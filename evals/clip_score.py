@@ -57,7 +57,7 @@ class CLIPWeightsNotFound(FileNotFoundError):
 class LoadedCLIP(NamedTuple):
     model: torch.nn.Module            # open_clip CLIP, eval mode
     preprocess: Callable              # float [-1, 1] [B, 3, H, W] -> normalized model input
-    tokenizer: Callable               # list[str] -> long [B, context_length]
+    text_tokenizer: Callable          # list[str] -> long [B, context_length]
     info: dict[str, Any]              # model name, weights path, sha256, bytes
 
 
@@ -147,20 +147,20 @@ def load_clip(model_name: str = "ViT-B-32", weights: str | None = None, device: 
     pcfg = open_clip.get_model_preprocess_cfg(model)
     preprocess = TensorPreprocess(pcfg["size"], pcfg["mean"], pcfg["std"], pcfg.get("interpolation", "bicubic"),
                                   pcfg.get("resize_mode", "shortest"), pcfg.get("fill_color", 0))
-    tokenizer = open_clip.get_tokenizer(model_name, context_length=model.context_length)
-    return LoadedCLIP(model.eval(), preprocess, tokenizer, info)
+    text_tokenizer = open_clip.get_tokenizer(model_name, context_length=model.context_length)
+    return LoadedCLIP(model.eval(), preprocess, text_tokenizer, info)
 
 
 @torch.no_grad()
 def clip_score(images: torch.Tensor, captions: str | Sequence[str], model, preprocess: Callable,
-               tokenizer: Callable | None = None, batch_size: int = 64) -> torch.Tensor:
+               text_tokenizer: Callable | None = None, batch_size: int = 64) -> torch.Tensor:
     """Per-image CLIP score ``100 * max(cos(image, caption), 0)``, float64 ``[B]`` on CPU (the
     CLIP score of a set is their mean). ``images`` float ``[B, 3, H, W]`` in ``[-1, 1]``;
-    ``captions``: one per image, or one string for all. ``tokenizer`` default: open_clip's BPE
+    ``captions``: one per image, or one string for all. ``text_tokenizer`` default: open_clip's BPE
     (every non-Hugging-Face CLIP)."""
-    if tokenizer is None:
+    if text_tokenizer is None:
         import open_clip
-        tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model.context_length)
+        text_tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model.context_length)
     b = images.shape[0]
     captions = [captions] * b if isinstance(captions, str) else list(captions)
     if len(captions) != b:
@@ -170,7 +170,7 @@ def clip_score(images: torch.Tensor, captions: str | Sequence[str], model, prepr
     for lo in range(0, b, batch_size):
         x = preprocess(images[lo:lo + batch_size].to(device))
         img = model.encode_image(x.to(next(model.parameters()).dtype)).float()
-        txt = model.encode_text(tokenizer(captions[lo:lo + batch_size]).to(device)).float()
+        txt = model.encode_text(text_tokenizer(captions[lo:lo + batch_size]).to(device)).float()
         cos = F.cosine_similarity(img, txt, dim=-1)
         out.append((CLIP_SCALE * cos.clamp_min(0)).double().cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
@@ -216,17 +216,17 @@ def evaluate_clip_score(ckpt: str, prompts: str | Sequence[str], out_url: str | 
                               use_cache=use_cache)
     clip = load_clip(clip_model, clip_weights, device, clip_overrides)   # fails fast, before the prior
     url = resolve_prior(ckpt)
-    prior, tokenizer = load_prior_with_tokenizer(url, device=device)
+    prior, image_tokenizer = load_prior_with_tokenizer(url, device=device)
     if text_encoder_of(prior) is None:
         raise ValueError(f"{getattr(prior, 'registry_name', ckpt)} is not text-conditional: CLIP score needs a "
                          f"text prior")
     per_prompt, grid, all_scores, gen_s = [], [], [], 0.0
     from tqdm import tqdm
     for j, prompt in enumerate(tqdm(prompts, desc="clip-score", unit="prompt", disable=not progress)):
-        images, s = sample_images(prior, tokenizer, num_per_prompt, sampling, seed=seed, batch_size=batch_size,
+        images, s = sample_images(prior, image_tokenizer, num_per_prompt, sampling, seed=seed, batch_size=batch_size,
                                   prompt=prompt, progress=False, start_index=j * num_per_prompt)
         gen_s += s
-        scores = clip_score(images, prompt, clip.model, clip.preprocess, clip.tokenizer)
+        scores = clip_score(images, prompt, clip.model, clip.preprocess, clip.text_tokenizer)
         all_scores.append(scores)
         per_prompt.append({"prompt": prompt, "scores": [round(float(v), 4) for v in scores],
                            "mean": float(scores.mean())})

@@ -1,4 +1,4 @@
-"""Generation quality of a prior: sample, decode with its tokenizer, score the images.
+"""Generation quality of a prior: sample, decode with its image tokenizer, score the images.
 
 Metrics (all on rank 0, over every sample of the run):
 
@@ -95,7 +95,7 @@ def resolve_labels(prior, indices: torch.Tensor, class_labels: Any = None) -> to
     return table[indices % table.numel()]
 
 
-def _batches(prior, tokenizer, indices: torch.Tensor, labels: torch.Tensor, prompts, sampling, seed: int,
+def _batches(prior, image_tokenizer, indices: torch.Tensor, labels: torch.Tensor, prompts, sampling, seed: int,
              batch_size: int, decode: bool = True, timing: dict | None = None):
     """Yield ``(indices, labels, codes, positions, images)`` per batch of this rank's samples."""
     device = next(prior.parameters()).device
@@ -114,12 +114,12 @@ def _batches(prior, tokenizer, indices: torch.Tensor, labels: torch.Tensor, prom
         if timing is not None:
             timing["generate_s"] = timing.get("generate_s", 0.0) + time.perf_counter() - t0
         with torch.no_grad():
-            images = tokenizer.decode(codes, positions).float() if decode else None
+            images = image_tokenizer.decode(codes, positions).float() if decode else None
         yield idx, lab, codes, positions, images
 
 
 def _load_pair(prior_pkg_path: str, device) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, str]]:
-    """``(prior, tokenizer, {name, sha256, package})``, the sha256 that of the checksums file (which
+    """``(prior, image_tokenizer, {name, sha256, package})``, the sha256 that of the checksums file (which
     lists every file, the tokenizer's too), as evals/codebook.py identifies tokenizers."""
     import hashlib
 
@@ -128,8 +128,8 @@ def _load_pair(prior_pkg_path: str, device) -> tuple[torch.nn.Module, torch.nn.M
 
     url = resolve_prior(prior_pkg_path)
     sha = hashlib.sha256(storage.read_bytes(storage.join(url, CHECKSUMS))).hexdigest()
-    prior, tokenizer = load_prior_with_tokenizer(url, device=device)
-    return prior.eval(), tokenizer.eval(), {"name": read_config(url)["name"], "package": url, "sha256": sha}
+    prior, image_tokenizer = load_prior_with_tokenizer(url, device=device)
+    return prior.eval(), image_tokenizer.eval(), {"name": read_config(url)["name"], "package": url, "sha256": sha}
 
 
 def _default_device(device) -> torch.device:
@@ -144,18 +144,18 @@ def generate_sharded(prior_pkg_path, num_samples: int, sampling, seed: int = 0, 
                      decode: bool = True) -> Shard:
     """This rank's share of ``num_samples`` samples (see :func:`rank_indices`; one process: all),
     generated ``batch_size`` at a time. ``prior_pkg_path``: a zoo package, run directory or step
-    folder, or an already loaded ``(prior, tokenizer)`` pair. Labels: :func:`resolve_labels`;
+    folder, or an already loaded ``(prior, image_tokenizer)`` pair. Labels: :func:`resolve_labels`;
     prompts (text priors): ``prompts[i % len]``, default the empty caption."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     if isinstance(prior_pkg_path, tuple):
-        prior, tokenizer = prior_pkg_path
+        prior, image_tokenizer = prior_pkg_path
     else:
-        prior, tokenizer, _ = _load_pair(prior_pkg_path, _default_device(device))
+        prior, image_tokenizer, _ = _load_pair(prior_pkg_path, _default_device(device))
     rank, world = rank_world()
     indices = rank_indices(num_samples, rank, world)
     labels = resolve_labels(prior, indices, class_labels)
-    parts = list(_batches(prior, tokenizer, indices, labels, prompts, sampling, seed, batch_size, decode))
+    parts = list(_batches(prior, image_tokenizer, indices, labels, prompts, sampling, seed, batch_size, decode))
     # None: nothing of that kind (not decoded, not masked), or no samples on this rank at all.
     cat = [None if not parts or parts[0][k] is None else torch.cat([p[k].cpu() for p in parts]) for k in range(5)]
     return Shard(cat[4], indices, labels, cat[2], cat[3])
@@ -305,7 +305,7 @@ def evaluate_generation(ckpt: str, out_url: str | None = None, num_samples: int 
     # Read the references before generating for hours, and on rank 0 only (50k x 2048 features).
     refs = _on_rank0(lambda: _load_refs(ref_stats, ref_features), "reading the reference files") or {}
     judge = load_digits_judge() if digits_judge else None
-    prior, tokenizer, identity = _load_pair(ckpt, device)
+    prior, image_tokenizer, identity = _load_pair(ckpt, device)
 
     indices = rank_indices(num_samples, rank, world)
     labels = resolve_labels(prior, indices, class_labels)
@@ -314,7 +314,7 @@ def evaluate_generation(ckpt: str, out_url: str | None = None, num_samples: int 
     grid: list[tuple[torch.Tensor, torch.Tensor]] = []
     resolution = None
     with tqdm(total=len(indices), desc="generation", unit="img", disable=not progress or rank != 0) as bar:
-        for idx, lab, _, _, images in _batches(prior, tokenizer, indices, labels, prompts, sampling, seed,
+        for idx, lab, _, _, images in _batches(prior, image_tokenizer, indices, labels, prompts, sampling, seed,
                                                batch_size, timing=timing):
             # Quantize once: the networks score the 8-bit images a user would save.
             images = to_uint8(images).float().div_(127.5).sub_(1.0)
@@ -354,7 +354,7 @@ def evaluate_generation(ckpt: str, out_url: str | None = None, num_samples: int 
         result = {
             "protocol": {
                 "task": "generation", "ckpt": ckpt, "prior": identity,
-                "tokenizer": getattr(tokenizer, "registry_name", type(tokenizer).__name__),
+                "tokenizer": getattr(image_tokenizer, "registry_name", type(image_tokenizer).__name__),
                 "num_samples": int(num_samples), "reference_num_samples": REFERENCE_NUM_SAMPLES,
                 "resolution": resolution, "resize": RESIZE, "quantization": "8-bit, as saved to PNG",
                 "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p,

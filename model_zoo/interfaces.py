@@ -14,7 +14,7 @@ restart) also queues them as :class:`RowWrite` and hands them out from ``pop_row
 plain optimizer would keep an in-place write, but a sharded one (ZeRO's fp32 master copy and its
 Adam moments) overwrites it at the next step, so whoever owns the optimizer collects them with
 :func:`pop_row_writes` after each optimizer step and writes them where that optimizer keeps its
-state (pretrain/engine.py). Models stay plain torch: they only say what they wrote.
+state (pretrain/runtime.py). Models stay plain torch: they only say what they wrote.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -131,8 +132,9 @@ class Prior(nn.Module):
 
     def loss(self, codes: torch.Tensor, condition,
              positions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scalar next-token cross-entropy and its named terms (condition dropout applied in training)."""
-        raise NotImplementedError
+        """Scalar next-token cross-entropy and its named terms: :func:`next_token_loss` of
+        ``forward`` (which applies the condition dropout in training mode)."""
+        return next_token_loss(self(codes, condition, positions), codes, positions)
 
     def generate(self, condition, num_samples: int, sampling, seeds: torch.Tensor):
         """Sample ``[num_samples, N]`` codes (Stackformer: ``(codes, positions)``)."""
@@ -146,6 +148,25 @@ class Prior(nn.Module):
     def null_condition(self, batch_size: int):
         """The unconditional condition for ``batch_size`` samples (CFG, condition dropout)."""
         raise NotImplementedError
+
+
+def next_token_loss(out, codes: torch.Tensor,
+                    positions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """THE loss of every prior, from its teacher-forced output (``Prior.forward``): the code
+    cross-entropy, plus for Stackformer (``out = (code_logits, position_logits)``) the position
+    cross-entropy at the official weight 1.0 (impossible positions are -inf in its logits). The
+    prior's ``loss`` and the training objective (which must call ``forward`` through the engine)
+    both use it. Terms, detached: ``code_ce``, ``code_accuracy`` and, for Stackformer,
+    ``position_ce``, ``position_accuracy``."""
+    code_logits, position_logits = out if isinstance(out, tuple) else (out, None)
+    loss = code_ce = F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
+    terms = {"code_ce": code_ce.detach(), "code_accuracy": (code_logits.detach().argmax(-1) == codes).float().mean()}
+    if position_logits is not None:
+        position_ce = F.cross_entropy(position_logits.flatten(0, 1).float(), positions.flatten())
+        loss = code_ce + position_ce
+        terms["position_ce"] = position_ce.detach()
+        terms["position_accuracy"] = (position_logits.detach().argmax(-1) == positions).float().mean()
+    return loss, terms
 
 
 def class_labels(condition, batch_size: int, high: int, device: torch.device, message: str) -> torch.Tensor:

@@ -196,7 +196,7 @@ class MQVAE(Tokenizer):
 
     def __init__(self, cfg: MQVAEConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         backbone = backbone_kwargs(cfg)
         r = cfg.resolution // cfg.downsample
         self.image_size = cfg.resolution

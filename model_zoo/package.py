@@ -72,12 +72,11 @@ class PackageError(ValueError):
 # ------------------------------------------------------------------------------------ configs
 
 def model_config(model: nn.Module):
-    """The model's frozen config dataclass (the ``.config`` or ``.cfg`` attribute)."""
-    for attr in ("config", "cfg"):
-        cfg = getattr(model, attr, None)
-        if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-            return cfg
-    raise PackageError(f"{type(model).__name__} has no config dataclass (.config or .cfg)")
+    """The model's frozen config dataclass (its ``.config`` attribute)."""
+    cfg = getattr(model, "config", None)
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return cfg
+    raise PackageError(f"{type(model).__name__} has no config dataclass (.config)")
 
 
 def config_to_dict(cfg) -> dict[str, Any]:

@@ -81,7 +81,7 @@ class QuantizerBase(nn.Module):
         super().__init__()
         if not cfg.factorized and dim != in_dim:
             raise ValueError(f"factorized=False needs the lookup dim to equal in_dim, got {dim} != {in_dim}")
-        self.cfg, self.in_dim, self.dim = cfg, in_dim, dim
+        self.config, self.in_dim, self.dim = cfg, in_dim, dim
         self.proj_in = nn.Linear(in_dim, dim) if cfg.factorized else nn.Identity()
         self.proj_out = nn.Linear(dim, in_dim) if cfg.factorized else nn.Identity()
         self.register_buffer("cluster_size", torch.empty(cfg.codebook_size))
@@ -115,7 +115,7 @@ class QuantizerBase(nn.Module):
 
     @property
     def codebook_size(self) -> int:
-        return self.cfg.codebook_size
+        return self.config.codebook_size
 
     def set_step(self, step: int) -> None:
         self._step = int(step)
@@ -162,16 +162,16 @@ class QuantizerBase(nn.Module):
         p = counts / counts.sum().clamp_min(1.0)
         entropy = -(p * p.clamp_min(1e-30).log()).sum()
         return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp(),
-                "dead_codes": (self.cluster_size < self.cfg.dead_threshold).sum().float()}
+                "dead_codes": (self.cluster_size < self.config.dead_threshold).sum().float()}
 
     @torch.no_grad()
     def _usage(self, codes: Tensor) -> dict[str, Tensor]:
         """Usage statistics of ``codes``; in training over the global batch (counts all-reduced),
         also advancing the usage EMA and ``steps``."""
-        counts = histogram(codes, self.cfg.codebook_size)
+        counts = histogram(codes, self.config.codebook_size)
         if self.training:
             if world_size() > 1:
                 dist.all_reduce(counts)
-            self.cluster_size.mul_(self.cfg.decay).add_(counts, alpha=1 - self.cfg.decay)
+            self.cluster_size.mul_(self.config.decay).add_(counts, alpha=1 - self.config.decay)
             self.steps.add_(1)
         return self._stats(counts)

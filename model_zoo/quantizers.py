@@ -42,7 +42,7 @@ candidates and broadcast, so every rank keeps a bit-identical codebook. A parame
 restarted rows are also queued (``pop_row_writes``, model_zoo.interfaces.RowWrite): a sharded
 optimizer keeps its own fp32 copy and would undo the in-place write at its next step, so the
 runtime that owns the optimizer writes them there too and resets their Adam moments
-(pretrain/engine.py). Collectives run only in
+(pretrain/runtime.py). Collectives run only in
 training mode (where all ranks step in lockstep); eval forwards are local, so a single rank can
 encode or decode on its own. Everything also runs without a process group.
 
@@ -182,7 +182,7 @@ class VectorQuantizer(QuantizerBase):
         """Initialise codebook and statistics (no data-dependent ops: works on the meta device, and
         after ``to_empty()`` materialises a meta-built model)."""
         super().reset_parameters()
-        cfg, k = self.cfg, self.cfg.codebook_size
+        cfg, k = self.config, self.config.codebook_size
         if cfg.simvq:
             # The official SimVQ init, N(0, 1/dim), from a fixed seed: DeepSpeed broadcasts parameters
             # only, not buffers, and the trainer seeds each rank differently, so a frozen codebook drawn
@@ -202,7 +202,7 @@ class VectorQuantizer(QuantizerBase):
     @property
     def tau(self) -> float:
         """Gumbel temperature: exponential anneal ``start * (end/start)^(step/T)``, then ``end``."""
-        cfg = self.cfg
+        cfg = self.config
         if cfg.tau_anneal_steps <= 0:
             return cfg.tau_end
         frac = min(max(self._step, 0) / cfg.tau_anneal_steps, 1.0)
@@ -214,19 +214,19 @@ class VectorQuantizer(QuantizerBase):
 
         Always a copy: the graph of this step then never holds the ``embed`` storage itself, so the
         in-place EMA update and dead-code restart after the forward cannot invalidate backward."""
-        if self.cfg.simvq:
+        if self.config.simvq:
             with no_autocast(self.embed.device):
                 e = self.embed.float() @ self.embed_proj.float().t()
         else:
             e = self.embed.to(torch.float32, copy=True)
-        return F.normalize(e, dim=-1) if self.cfg.l2_normalize else e
+        return F.normalize(e, dim=-1) if self.config.l2_normalize else e
 
     def _vectors(self, codes: Tensor) -> Tensor:
         return F.embedding(codes, self.codebook())
 
     # ---- forward ------------------------------------------------------------------------------
     def _quantize(self, ze: Tensor):
-        cfg, k = self.cfg, self.cfg.codebook_size
+        cfg, k = self.config, self.config.codebook_size
         train = self.training
         if cfg.l2_normalize:
             ze = F.normalize(ze, dim=-1)
@@ -291,7 +291,7 @@ class VectorQuantizer(QuantizerBase):
     @torch.no_grad()
     def _statistics(self, codes: Tensor, ze: Tensor) -> dict[str, Tensor]:
         """Training step: all-reduce the batch statistics, update the EMAs, restart dead codes."""
-        cfg, k = self.cfg, self.cfg.codebook_size
+        cfg, k = self.config, self.config.codebook_size
         world = _world_size()
         counts = _histogram(codes, k)
         if cfg.ema:
@@ -325,7 +325,7 @@ class VectorQuantizer(QuantizerBase):
         Fixed-size collectives, no host synchronisation, identical on every rank: each rank
         contributes ceil(K / world) random rows of its batch, all-gathered and interleaved (code j
         takes a candidate from rank j % world); the dead set is decided on rank 0 and broadcast."""
-        cfg, k = self.cfg, self.cfg.codebook_size
+        cfg, k = self.config, self.config.codebook_size
         dead = self.cluster_size < cfg.dead_threshold if cfg.restart_dead else torch.zeros_like(self.cluster_size,
                                                                                                 dtype=torch.bool)
         if cfg.data_init:

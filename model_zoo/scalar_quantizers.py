@@ -138,7 +138,7 @@ class LFQuantizer(QuantizerBase):
     def entropies(self, ze: Tensor) -> tuple[Tensor, Tensor]:
         """``(mean per-sample entropy, batch entropy)`` of ``p(c|z)`` for lookup-space ``ze [P, bits]``
         (fp32); in training the batch average is the global batch's."""
-        t = self.cfg.lfq_temperature
+        t = self.config.lfq_temperature
         a = 4 * ze / t                              # logit of bit i being 1
         p = torch.sigmoid(a)
         per_sample = (p * F.softplus(-a) + (1 - p) * F.softplus(a)).sum(-1).mean()
@@ -157,7 +157,7 @@ class LFQuantizer(QuantizerBase):
         return per_sample, sum(_entropy(g) for g in avg)
 
     def _quantize(self, ze: Tensor):
-        cfg = self.cfg
+        cfg = self.config
         positive = ze.detach() > 0
         q = positive.float() * 2 - 1
         zq = q + (ze - ze.detach())                 # straight-through, forward value exactly q

@@ -122,7 +122,7 @@ class Stackformer(Prior):
 
     def __init__(self, cfg: StackformerConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.codebook_size = cfg.codebook_size
         self.num_tokens = cfg.num_tokens
         self.grid_size = tuple(cfg.grid_size)
@@ -145,7 +145,7 @@ class Stackformer(Prior):
     def init_weights(self) -> None:
         """normal(0, init_std) embeddings and heads (minGPT / the official code); each stack keeps
         its own GPT-2 init (residual projections scaled by ``1/sqrt(2 depth)``)."""
-        std = self.cfg.init_std
+        std = self.config.init_std
         for w in (self.code_embed.weight, self.grid_embed.weight, self.class_embed.weight,
                   self.step_embed, self.code_head.weight, self.position_head.weight):
             nn.init.normal_(w, 0.0, std)
@@ -190,8 +190,8 @@ class Stackformer(Prior):
 
     def _condition_labels(self, condition, batch_size: int) -> torch.Tensor:
         labels = self._labels(condition, batch_size)
-        if self.training and self.cfg.class_dropout > 0:
-            drop = torch.rand(batch_size, device=labels.device) < self.cfg.class_dropout
+        if self.training and self.config.class_dropout > 0:
+            drop = torch.rand(batch_size, device=labels.device) < self.config.class_dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return labels
 
@@ -211,15 +211,10 @@ class Stackformer(Prior):
         allowed = position_mask(prev, torch.arange(k, device=codes.device), k, self.num_positions)
         return code_logits, position_logits.masked_fill(~allowed, float("-inf"))
 
-    def loss(self, codes: torch.Tensor, condition, positions: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``code CE + position CE`` (unweighted sum, as the official ``loss_position_weight``
-        1.0) and both terms. Positions must be sorted and distinct (MQ-VAE's contract): an
-        impossible target position has probability 0 under the mask, so its CE is infinite."""
-        code_logits, position_logits = self(codes, condition, positions)
-        code_ce = F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
-        position_ce = F.cross_entropy(position_logits.flatten(0, 1).float(), positions.flatten())
-        return code_ce + position_ce, {"code_ce": code_ce.detach(), "position_ce": position_ce.detach()}
+    # ``loss`` (Prior's, model_zoo.interfaces.next_token_loss): ``code CE + position CE``
+    # (unweighted, the official ``loss_position_weight`` 1.0). Positions must be sorted and
+    # distinct (MQ-VAE's contract): an impossible target position has probability 0 under the
+    # mask, so its CE is infinite.
 
     def features(self, codes: torch.Tensor, condition, layer: int,
                  positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,7 +222,7 @@ class Stackformer(Prior):
         teacher-forced steps (the class token and pairs ``1 .. k-1``), ``[B, D]``. Pass the null
         condition for a label-free linear probe."""
         self._check(codes, positions)
-        depth = self.cfg.code_transformer.depth
+        depth = self.config.code_transformer.depth
         if not -depth <= layer < depth:
             raise ValueError(f"layer must be in [-{depth}, {depth})")
         labels = self._labels(condition, codes.shape[0])

@@ -54,7 +54,7 @@ t2i-prior-1b-tiny (prefix)                  113,664  openclip-vit-b-32-text-tiny
 t2i-prior-1b-tiny (cross_attention)         143,040  same
 ====================================  =============  =========================================
 
-``t2i-prior-1b``: 32x32 grid (1024 tokens of a 256 px, patch-8 tokenizer), codebook 8192, 24
+``t2i-prior-1b``: 32x32 grid (1024 tokens of a 256 px, patch-8 image tokenizer), codebook 8192, 24
 blocks of width 1792 (14 heads of 128, MLP 7168): 925,403,136 in the blocks (24 x 38,558,464),
 14,680,064 each for the code embedding and the bias-free head, 1,835,008 for the grid positions,
 919,296 for the text projection (512 -> 1792), plus norms and the start token. Cross-attention
@@ -155,7 +155,7 @@ class T2IPrior(Prior):
 
     def __init__(self, cfg: T2IPriorConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.codebook_size = cfg.codebook_size
         self.grid_size = tuple(cfg.grid_size)
         self.num_tokens = self.grid_size[0] * self.grid_size[1]
@@ -185,7 +185,7 @@ class T2IPrior(Prior):
         self.init_weights()
 
     def init_weights(self) -> None:
-        std = self.cfg.init_std
+        std = self.config.init_std
         for w in (self.code_embed.weight, self.pos_embed, self.start, self.head.weight):
             nn.init.normal_(w, 0.0, std)
         if self.text_proj is not None:
@@ -231,7 +231,7 @@ class T2IPrior(Prior):
                              f"and {tuple(mask.shape)}")
         if hidden.shape[2] != self.text_encoder.width:
             raise ValueError(f"text states have width {hidden.shape[2]}, the text encoder "
-                             f"{self.cfg.text_encoder!r} has {self.text_encoder.width}")
+                             f"{self.config.text_encoder!r} has {self.text_encoder.width}")
         hidden, mask = hidden.detach().to(dev, dtype), mask.to(dev)
         if batch_size is not None and hidden.shape[0] != batch_size:
             if hidden.shape[0] != 1:
@@ -248,7 +248,7 @@ class T2IPrior(Prior):
         b = hidden.shape[0]
         # drawn on the host: whether any caption drops decides the shapes below, and reading that
         # from an accelerator would stall every training step on a host sync
-        drop = torch.rand(b) < self.cfg.caption_dropout
+        drop = torch.rand(b) < self.config.caption_dropout
         if not bool(drop.any()):
             return hidden, mask
         drop = drop.to(hidden.device, non_blocking=True)
@@ -291,14 +291,9 @@ class T2IPrior(Prior):
         caption and ``codes[:, :i]``. In training, captions are dropped (``caption_dropout``)."""
         self._check_codes(codes)
         hidden, mask = self.encode_condition(condition, codes.shape[0])
-        if self.training and self.cfg.caption_dropout > 0:
+        if self.training and self.config.caption_dropout > 0:
             hidden, mask = self._drop_captions(hidden, mask)
         return self.head(self._hidden(hidden, mask, codes[:, :-1]))
-
-    def loss(self, codes: Tensor, condition, positions: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = self(codes, condition)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
-        return ce, {"code_ce": ce.detach()}
 
     def features(self, codes: Tensor, condition, layer: int, positions: Tensor | None = None) -> Tensor:
         """Block ``layer``'s output (no final norm) averaged over the ``N`` positions that hold the

@@ -199,7 +199,7 @@ def _canonical_keys(sd: dict[str, Tensor], backend: str) -> dict[str, Tensor]:
     return out
 
 
-class _Tokenizer:
+class _TextTokenizer:
     """A transformers tokenizer folder (``folder``), else open_clip's BPE (model ``clip_model``, or
     its plain SimpleTokenizer when None): captions -> LongTensor ``[B, max_length]``."""
 
@@ -253,14 +253,14 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         with torch.random.fork_rng(devices=[]):   # a seeded random encoder is the same everywhere
             if cfg.init_seed is not None:
                 torch.manual_seed(cfg.init_seed)
             self.model, self.width, self.pooled_dim, self.eos_id, self.pad_id = _build_backbone(cfg)
         self.max_length = cfg.max_length
         self.source = f"random(seed={cfg.init_seed})"
-        self._tokenizer: Any = None
+        self._text_tokenizer: Any = None
         self.requires_grad_(False)
         self.eval()
         on_meta = any(p.is_meta for p in self.parameters())
@@ -271,42 +271,42 @@ class TextEncoder(nn.Module):
         return super().train(False)   # frozen: always eval (no dropout), whatever the parent does
 
     # ------------------------------------------------------------------------------ tokenizing
-    def tokenizer_candidates(self) -> list[str]:
-        cands = [self.cfg.tokenizer_path] if self.cfg.tokenizer_path else []
-        if self.cfg.name and self.cfg.backend != "open_clip":
-            cands.append(storage.join(cache_dir(), "tokenizers", self.cfg.name))
+    def text_tokenizer_candidates(self) -> list[str]:
+        cands = [self.config.tokenizer_path] if self.config.tokenizer_path else []
+        if self.config.name and self.config.backend != "open_clip":
+            cands.append(storage.join(cache_dir(), "tokenizers", self.config.name))
         return cands
 
-    def _get_tokenizer(self):
-        if self._tokenizer is not None:
-            return self._tokenizer
-        cfg = self.cfg
+    def _get_text_tokenizer(self):
+        if self._text_tokenizer is not None:
+            return self._text_tokenizer
+        cfg = self.config
         if cfg.backend == "open_clip" and not cfg.tokenizer_path:
-            tok = _Tokenizer(cfg.max_length, clip_model=cfg.model)
+            tok = _TextTokenizer(cfg.max_length, clip_model=cfg.model)
         else:
-            found = next((c for c in self.tokenizer_candidates() if storage.isdir(c)), None)
+            found = next((c for c in self.text_tokenizer_candidates() if storage.isdir(c)), None)
             if found is not None:
-                tok = _Tokenizer(cfg.max_length, folder=_local_folder(found))
+                tok = _TextTokenizer(cfg.max_length, folder=_local_folder(found))
             elif cfg.tokenizer_path:
                 raise FileNotFoundError(f"tokenizer folder {cfg.tokenizer_path} does not exist")
             elif cfg.backend == "hf_clip":
-                tok = _Tokenizer(cfg.max_length)   # CLIP's BPE vocabulary, bundled with open_clip
+                tok = _TextTokenizer(cfg.max_length)   # CLIP's BPE vocabulary, bundled with open_clip
             else:
                 raise FileNotFoundError(
                     f"the {cfg.backend} text encoder {cfg.name or cfg.model!r} needs a transformers tokenizer "
                     f"folder (tokenizer.json or spiece.model + tokenizer_config.json) and none can be downloaded "
-                    f"here; checked {self.tokenizer_candidates() or '(no name, no tokenizer_path)'}. Pass "
+                    f"here; checked {self.text_tokenizer_candidates() or '(no name, no tokenizer_path)'}. Pass "
                     f"tokenizer_path=FOLDER or put one at $VQSCALE_CACHE/tokenizers/<name>/.")
         if tok.eos_id != self.eos_id:
             raise ValueError(f"tokenizer EOS id {tok.eos_id} != the model's {self.eos_id}: wrong tokenizer?")
-        self._tokenizer = tok
+        self._text_tokenizer = tok
         return tok
 
     def tokenize(self, captions: Sequence[str]) -> Tensor:
         """Captions -> LongTensor ``[B, max_length]`` on CPU (padded; too long ones truncated, EOS kept)."""
         if isinstance(captions, str):
             raise TypeError("tokenize takes a list of captions, not one string")
-        return self._get_tokenizer()(list(captions))
+        return self._get_text_tokenizer()(list(captions))
 
     def null_tokens(self, batch_size: int) -> Tensor:
         """Tokens of the unconditional (empty) caption."""
@@ -322,14 +322,14 @@ class TextEncoder(nn.Module):
         if tokens.shape[1] > self.max_length:
             raise ValueError(f"{tokens.shape[1]} tokens per caption, more than max_length={self.max_length}")
         mask = self.mask(tokens)
-        if self.cfg.backend == "open_clip":
+        if self.config.backend == "open_clip":
             # open_clip's causal mask is fixed at max_length: pad shorter tokens (causal, so padding
             # cannot reach real tokens) and cut the states back.
             L = tokens.shape[1]
             full = nn.functional.pad(tokens, (0, self.max_length - L), value=self.pad_id)
             pooled, hidden = self.model(full)
             hidden = hidden[:, :L]
-        elif self.cfg.backend == "hf_clip":
+        elif self.config.backend == "hf_clip":
             out = self.model(input_ids=tokens, attention_mask=mask.long())
             hidden, pooled = out.last_hidden_state, out.text_embeds
         else:
@@ -348,7 +348,7 @@ class TextEncoder(nn.Module):
 
     def cache_key(self, caption: str) -> str:
         """Key of a caption's embedding under THIS encoder (name, length and weights included)."""
-        return cache_key(caption, f"{self.cfg.name or self.cfg.model}|{self.cfg.backend}|{self.max_length}|{self.source}")
+        return cache_key(caption, f"{self.config.name or self.config.model}|{self.config.backend}|{self.max_length}|{self.source}")
 
     # -------------------------------------------------------------------------------- weights
     def _tied(self) -> dict[str, list[str]]:
@@ -369,26 +369,26 @@ class TextEncoder(nn.Module):
     def save_weights(self, url: str) -> str:
         """Write the weights as safetensors (atomically, any storage URL); returns ``url``."""
         from safetensors.torch import save
-        storage.write_bytes(url, save(self.weights_state_dict(), metadata={"name": self.cfg.name,
-                                                                           "backend": self.cfg.backend}))
+        storage.write_bytes(url, save(self.weights_state_dict(), metadata={"name": self.config.name,
+                                                                           "backend": self.config.backend}))
         return url
 
     @torch.no_grad()
     def load_weights(self, weights: str | None = None) -> str:
         """Load from ``weights`` (path/URL) or the cache; returns the source. See the module doc."""
         if weights is None:
-            cands = weight_candidates(self.cfg.name)
+            cands = weight_candidates(self.config.name)
             weights = next((c for c in cands if storage.exists(c)), None)
             if weights is None:
                 raise TextEncoderWeightsNotFound(
-                    f"no weights for text encoder {self.cfg.name or self.cfg.model!r} ({self.cfg.backend}); "
+                    f"no weights for text encoder {self.config.name or self.config.model!r} ({self.config.backend}); "
                     f"this machine cannot download them. Checked: {cands or '(no name: nothing to look up)'}. "
                     f"Put a checkpoint at {cands[0] if cands else '$VQSCALE_CACHE/weights/<name>.safetensors'} "
                     f"(save one with TextEncoder.save_weights, or copy an open_clip / transformers checkpoint), "
                     f"pass weights=PATH, set VQSCALE_CACHE, or use pretrained=False for random weights.")
         elif not storage.exists(weights):
             raise TextEncoderWeightsNotFound(f"text encoder weights file {weights} does not exist")
-        sd = _canonical_keys(load_state_dict(weights), self.cfg.backend)
+        sd = _canonical_keys(load_state_dict(weights), self.config.backend)
         for keys in self._tied().values():   # a tied tensor may be stored under any of its names
             have = next((k for k in keys if k in sd), None)
             for k in keys:
@@ -398,7 +398,7 @@ class TextEncoder(nn.Module):
         missing = sorted(set(own) - set(sd))
         if missing:
             raise ValueError(f"text encoder weights from {weights} lack {len(missing)} of {len(own)} tensors, "
-                             f"e.g. {missing[:3]} (wrong architecture or backend {self.cfg.backend!r}?)")
+                             f"e.g. {missing[:3]} (wrong architecture or backend {self.config.backend!r}?)")
         for k, t in own.items():
             if tuple(sd[k].shape) != tuple(t.shape):
                 raise ValueError(f"text encoder weights from {weights}: {k} has shape {tuple(sd[k].shape)}, "

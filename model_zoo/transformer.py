@@ -197,7 +197,7 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.init_weights()
@@ -207,7 +207,7 @@ class Transformer(nn.Module):
         the projections that write into the residual stream (attention ``proj``, MLP ``fc2``)
         scaled by ``1/sqrt(2 * depth)`` so the stream's variance does not grow with depth. Also
         re-initializes a model built on meta and materialized with ``to_empty``."""
-        resid_std = std / math.sqrt(2 * self.cfg.depth)
+        resid_std = std / math.sqrt(2 * self.config.depth)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
                 last = name.rsplit(".", 1)[-1]
@@ -220,7 +220,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = next(self.parameters())
-        return KVCache(self.cfg.depth, batch_size, self.cfg.heads, self.cfg.head_dim, max_len,
+        return KVCache(self.config.depth, batch_size, self.config.heads, self.config.head_dim, max_len,
                        device=device if device is not None else p.device,
                        dtype=dtype if dtype is not None else p.dtype)
 
@@ -234,7 +234,7 @@ class Transformer(nn.Module):
         ``L``'s output without the final norm (the linear-probe features); the blocks above are
         never run. Otherwise the output is ``norm(last block)``.
         """
-        if self.cfg.cross_attention and context is None and (cache is None or cache.cross[0] is None):
+        if self.config.cross_attention and context is None and (cache is None or cache.cross[0] is None):
             raise ValueError("this transformer has cross-attention: pass a context")
         if cache is not None and x.shape[0] != cache.batch_size:
             raise ValueError(f"batch {x.shape[0]} does not match the cache's {cache.batch_size}")

@@ -11,7 +11,7 @@ sec. 4: a decoder-only transformer predicts the 32x32 = 1024 image tokens in ras
 * Class conditioning by the first token (a learned class embedding, ``num_classes + 1`` rows);
   unconditional generation is the extra null class ``num_classes`` (label ``-1`` maps to it). In
   training the label is replaced by the null class with probability ``class_dropout`` (applied in
-  ``loss``), so one network gives both branches of classifier-free guidance. Class dropout and
+  ``forward``, as the other priors drop their condition), so one network gives both branches of classifier-free guidance. Class dropout and
   guidance are vqscale's options, not the paper's (its class-conditional VIM has the class token
   and nothing else; the paper's recipes, pretrain/recipes.py, set ``class_dropout=0``); the
   config default 0.1 serves the CFG samplers of the demo and of ``vim-small``.
@@ -57,7 +57,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .interfaces import Prior, class_labels
@@ -103,7 +102,7 @@ class VIM(Prior):
 
     def __init__(self, cfg: VIMConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.codebook_size, self.num_classes = cfg.codebook_size, cfg.num_classes
         self.grid_size, self.num_tokens = tuple(cfg.grid_size), cfg.num_tokens
         self.null_class = cfg.num_classes
@@ -120,7 +119,7 @@ class VIM(Prior):
 
     def init_weights(self) -> None:
         """(Re)initialize every weight (also after ``to_empty`` from the meta device)."""
-        std = self.cfg.init_std
+        std = self.config.init_std
         self.transformer.init_weights(std)
         for w in (self.tok_embed.weight, self.class_embed.weight, self.pos_embed, self.head.weight):
             nn.init.normal_(w, 0.0, std)
@@ -158,21 +157,15 @@ class VIM(Prior):
     # ---- training ---------------------------------------------------------------------------
 
     def forward(self, codes: torch.Tensor, condition, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher forcing: ``[B, N, V]`` logits, row ``i`` predicting ``codes[:, i]``."""
+        """Teacher forcing: ``[B, N, V]`` logits, row ``i`` predicting ``codes[:, i]``; in training
+        mode each label is replaced by the null class with probability ``class_dropout``."""
         self._check(codes, positions)
         labels = self._labels(condition, codes.shape[0])
-        return self.head(self.transformer(self._embed(labels, codes[:, :-1])))
-
-    def loss(self, codes: torch.Tensor, condition, positions: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        labels = self._labels(condition, codes.shape[0])
-        if self.training and self.cfg.class_dropout > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.cfg.class_dropout
+        if self.training and self.config.class_dropout > 0:
+            # condition dropout for classifier-free guidance (-1 = the null class), in training mode
+            drop = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
-        logits = self(codes, labels, positions)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
-        acc = (logits.detach().argmax(-1) == codes).float().mean()
-        return ce, {"ce": ce.detach(), "accuracy": acc}
+        return self.head(self.transformer(self._embed(labels, codes[:, :-1])))
 
     def features(self, codes: torch.Tensor, condition, layer: int,
                  positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -311,7 +311,7 @@ class VQGAN(Tokenizer):
 
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         backbone = backbone_kwargs(cfg)
         self.encoder = Encoder(in_channels=cfg.in_channels, **backbone)
         self.decoder = Decoder(out_ch=cfg.out_ch, **backbone)

@@ -4,7 +4,7 @@ Layout (DESIGN.md)::
 
     RUN_DIR/checkpoints/step_00001000/
         model/ (or generator/ + discriminator/ ...)   one DeepSpeed checkpoint per named engine
-        ema/<engine>/rank{r}.pt                        EMA shards (pretrain.engine.EMA), optional
+        ema/<engine>/rank{r}.pt                        EMA shards (pretrain.ema.EMA), optional
         rng/rank{r}.pt                                 python/numpy/torch/cuda RNG of every rank
         loader_state.json                              the data loader's state (given by the caller)
         meta.json                                      step, samples seen, world size, config, git, metrics
@@ -40,10 +40,7 @@ step folder.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -63,6 +60,8 @@ from data_pipeline import storage
 from . import safe_load
 from .checksums import MANIFEST, CheckpointDamaged, check_files, hash_files, manifest_text, read_manifest
 from .distributed import barrier, rank_world
+from .runtime import (full_numel, gathered, load_universal_checkpoint, repair_zero3_universal, to_universal,
+                      universal_checkpoint_info, zero_fp32_state_dict)
 
 log = logging.getLogger("vqscale.checkpoint")
 
@@ -204,17 +203,12 @@ def save_checkpoint(run_dir: str, step: int, engines, *, samples_seen: int = 0,
     rank 0). Returns the step folder URL. Saving the step that ``latest`` already names is a
     no-op (e.g. a job stopped right after resuming).
     """
-    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
-
     engines = _as_dict(engines)
     emas = dict(emas or {})
     rank, world = rank_world()
     root = _ckpt_root(run_dir)
-    # ds_to_universal (0.19.8) asserts that the model states carry this; it is what makes a
-    # checkpoint convertible, i.e. loadable on another world size.
-    client_state = {"vqscale_step": int(step),
-                    UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    # what makes a checkpoint convertible, i.e. loadable on another world size
+    client_state = {"vqscale_step": int(step), **universal_checkpoint_info()}
     name = step_name(step)
     step_url = storage.join(root, name)
     current = _broadcast(storage.read_text(storage.join(root, "latest")).strip()
@@ -313,20 +307,13 @@ def _needs_universal(folder: str) -> bool:
 
 
 def _convert_universal(engine_dir: str, out_dir: str) -> None:
-    """``ds_to_universal`` in-process, one worker (no process pool inside a training rank), into
-    a temporary folder renamed into place so a half-converted cache is never used."""
-    from deepspeed.checkpoint import ds_to_universal
-
+    """``ds_to_universal`` in-process (:func:`pretrain.runtime.to_universal`), into a temporary
+    folder renamed into place so a half-converted cache is never used."""
     tmp = out_dir + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=engine_dir, output_folder=tmp, num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=False)
-    out = io.StringIO()
     t0 = time.time()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        ds_to_universal.main(args)
-    log.debug("ds_to_universal output:\n%s", out.getvalue())
+    out = to_universal(engine_dir, tmp)
+    log.debug("ds_to_universal output:\n%s", out)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     log.info("converted %s to the universal format in %.2fs", engine_dir, time.time() - t0)
@@ -359,8 +346,6 @@ def _restore_fixed_state(engine, engine_dir: str) -> int:
     whole in ZeRO-0/1/2's ``module``, as per-rank ``frozen_param_fragments`` under ZeRO-3.
     Returns the number of tensors restored.
     """
-    from .engine import gathered
-
     states = [safe_load.load(f, map_location="cpu") for f in _model_state_files(engine_dir)]
     module_sd, frozen_shapes = states[0]["module"], states[0].get("frozen_param_shapes") or {}
     count = 0
@@ -371,12 +356,12 @@ def _restore_fixed_state(engine, engine_dir: str) -> int:
     for name, p in engine.module.named_parameters():
         if p.requires_grad:
             continue
-        full_numel = int(getattr(p, "ds_numel", p.numel()))
-        if name in module_sd and module_sd[name].numel() == full_numel:
+        numel = full_numel(p)
+        if name in module_sd and module_sd[name].numel() == numel:
             value = module_sd[name]
         elif name in frozen_shapes:
             frags = [st["frozen_param_fragments"][name].reshape(-1) for st in states]
-            value = torch.cat(frags)[:full_numel].view(frozen_shapes[name])
+            value = torch.cat(frags)[:numel].view(frozen_shapes[name])
         else:
             raise KeyError(f"frozen parameter {name} is not in the checkpoint {engine_dir}")
         with gathered([p], modifier_rank=0):
@@ -385,43 +370,10 @@ def _restore_fixed_state(engine, engine_dir: str) -> int:
     return count
 
 
-def _repair_zero3_universal(engine, universal_dir: str) -> None:
-    """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py,
-    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), found by resuming through the
-    universal format on the same world size and comparing with a direct resume:
-
-    - one ``step`` tensor object is put in the state of every sub-group; torch's AdamW increments
-      it in place, so with two parameter groups it advances twice per step and the second group's
-      bias correction is wrong from the first step on. Each sub-group gets its own copy.
-    - every parameter group gets the hyperparameters of group 0 (a no-decay group then decays).
-      They are restored per group from the converted ``zero/optimizer_state.pt``.
-    """
-    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS
-
-    opt = engine.optimizer
-    base = getattr(opt, "optimizer", None)
-    if engine.zero_optimization_stage() != 3 or base is None:
-        return
-    for flat in getattr(opt, "fp32_partitioned_groups_flat", []):
-        st = base.state.get(flat)
-        if st is not None and torch.is_tensor(st.get("step")):
-            st["step"] = st["step"].clone()
-    sd = safe_load.load(os.path.join(universal_dir, "zero", "optimizer_state.pt"), map_location="cpu")
-    saved = sd.get(OPTIMIZER_STATE_DICT, {}).get(PARAM_GROUPS) or sd.get(PARAM_GROUPS) or []
-    if len(saved) != len(base.param_groups):
-        log.warning("cannot restore per-group optimizer settings after the ZeRO-3 universal load "
-                    "(%d saved groups, %d now)", len(saved), len(base.param_groups))
-        return
-    for group, old in zip(base.param_groups, saved):
-        group.update({k: v for k, v in old.items() if k != "params"})
-
-
 @torch.no_grad()
 def _load_weights(engine, full: dict[str, torch.Tensor]) -> None:
     """Whole fp32 weights into an engine of any stage and world size, then the optimizer's fp32
     master copies from them. Optimizer moments, schedule and step counts are left as they are."""
-    from .engine import gathered
-
     missing = [n for n in engine.module.state_dict() if n not in full]
     if missing:
         raise KeyError(f"the checkpoint lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
@@ -520,6 +472,24 @@ def _verified_step(url: str, remote: bool, adopt: bool) -> tuple[str, str] | Non
     return step_url, local
 
 
+def _as_saved(engines: dict[str, Any], emas: dict[str, Any], saved: set[str],
+              step_url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The engines (and EMAs) to load, by the names ``step_url`` saved them under. A tokenizer's
+    engine is "generator" in a run with a discriminator and "model" in one without, so a load
+    crosses the two: a GAN run from a single-engine checkpoint (also the layout GAN recipes wrote
+    until their discriminator started, before the discriminator engine was always built) loads its
+    "model" into the generator, the discriminator keeping its fresh state; a run without a
+    discriminator from a GAN checkpoint loads its generator."""
+    for mine, theirs, note in (("generator", "model", "a single-engine tokenizer: loading it into the "
+                                "generator; the discriminator starts fresh"),
+                               ("model", "generator", "a GAN run: loading its generator (the discriminator "
+                                "is not used)")):
+        if mine in engines and mine not in saved and theirs in saved:
+            log.info("%s holds %s", step_url, note)
+            return {theirs: engines[mine]}, ({theirs: emas[mine]} if mine in emas else {})
+    return engines, emas
+
+
 def load_checkpoint(url: str, engines, *, emas: Mapping[str, Any] | None = None,
                     weights_only: bool = False, restore_rng: bool = True,
                     universal: bool | str = "auto") -> Resumed | None:
@@ -541,6 +511,7 @@ def load_checkpoint(url: str, engines, *, emas: Mapping[str, Any] | None = None,
         return None
     step_url, local = picked
     meta = storage.read_json(os.path.join(local, "meta.json"))
+    engines, emas = _as_saved(engines, emas, set(meta.get("engines", {})), step_url)
     # Who converts: the process that owns the folder (rank 0 on a shared run directory, local
     # rank 0 for a node-local download). Everyone agrees on the plan from rank 0's listing.
     converter = (_local_rank() == 0) if remote else (rank == 0)
@@ -562,12 +533,8 @@ def load_checkpoint(url: str, engines, *, emas: Mapping[str, Any] | None = None,
                     if converter and not os.path.isdir(out):
                         _convert_universal(os.path.join(local, ename), out)
                     barrier()
-                    engine._config.load_universal_checkpoint = True    # read only at load time
-                    try:
-                        path, client = engine.load_checkpoint(os.path.join(local, "universal"), tag=ename)
-                    finally:
-                        engine._config.load_universal_checkpoint = False
-                    _repair_zero3_universal(engine, out)
+                    path, client = load_universal_checkpoint(engine, os.path.join(local, "universal"), ename)
+                    repair_zero3_universal(engine, out, safe_load.load)
                     _restore_fixed_state(engine, os.path.join(local, ename))
                 else:
                     path, client = engine.load_checkpoint(local, tag=ename)
@@ -619,10 +586,8 @@ def load_consolidated(step_url: str, engine: str = "model") -> dict[str, torch.T
     folder = os.path.join(storage.local_path(step_url), engine)
     out: dict[str, torch.Tensor] = {}
     if _needs_universal(folder):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()), safe_load.weights_only_loads():
-            out = dict(get_fp32_state_dict_from_zero_checkpoint(storage.local_path(step_url), tag=engine))
+        with safe_load.weights_only_loads():
+            out = zero_fp32_state_dict(storage.local_path(step_url), engine)
     module = safe_load.load(_model_state_files(folder)[0], map_location="cpu")["module"]
     for k, v in module.items():        # ZeRO-3 keeps empty placeholders here
         if k not in out and v.numel() > 0:

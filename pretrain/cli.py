@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="recipes: " + ", ".join(_recipe_names()))
     tr.add_argument("--recipe", required=True, help="recipe name (see the list below); -tiny ones run on a CPU")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field, e.g. --set optim.lr=1e-4 --set data.url=s3://b/laion (repeatable)")
+                    help="override a config field, e.g. --set optim.lr=1e-4 --set data.url=s3://b/laion; a field "
+                         "of the model preset's config: --set model.quantizer.codebook_size=1024 (repeatable)")
     tr.add_argument("--run-dir", default=None, help="run directory, local or URL (default runs/RECIPE)")
     tr.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints of the run directory")
 

@@ -5,6 +5,13 @@ A run is configured by a recipe (a registered function returning a frozen datacl
 unknown key or a value of the wrong type is one clear line naming the key (and the closest valid
 key), never a traceback deep inside training. The resolved config is written next to the outputs
 (``config.json``) and can be read back strictly with :func:`from_dict`.
+
+Two hooks let a config class check a branch whose schema is not its own type hints (the run's
+``model.FIELD=`` against the model preset's config, pretrain/model_overrides.py), keeping this module
+generic: ``cfg.__config_override__(path, raw, full)`` is asked first for every override that
+reaches ``cfg`` (the remaining dotted ``path``, the value, the whole key) and returns the new
+config, or NotImplemented for the typed default; ``obj.__config_check__(prefix)`` is called on
+what :func:`from_dict` builds (raising :class:`ConfigError` on a bad value).
 """
 
 from __future__ import annotations
@@ -166,6 +173,11 @@ def _unknown(key: str, name: str, choices: typing.Iterable[str]) -> ConfigError:
 
 
 def _set(cfg: Any, path: list[str], raw: Any, full: str) -> Any:
+    hook = getattr(cfg, "__config_override__", None)
+    if hook is not None:
+        new = hook(path, raw, full)
+        if new is not NotImplemented:
+            return new
     name = path[0]
     here = full.rsplit(".", len(path) - 1)[0] if len(path) > 1 else full
     hints = _hints(type(cfg))
@@ -236,7 +248,11 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if k not in hints:
             raise _unknown(key, k, hints)
         kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check = getattr(obj, "__config_check__", None)
+    if check is not None:
+        check(prefix)
+    return obj
 
 
 def dumps(cfg: Any) -> str:

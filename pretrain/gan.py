@@ -86,12 +86,9 @@ partitioned), whatever the generator's stage.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import logging
 import types
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +96,7 @@ from torch import Tensor, nn
 
 from model_zoo import losses as L
 
-from .engine import gathered
+from .runtime import backward_hooks_paused, gathered, is_partitioned
 from .objectives import TokenizerLossConfig, TokenizerObjective, _device, _model_input, unwrap
 
 log = logging.getLogger("vqscale.gan")
@@ -167,49 +164,6 @@ def build_discriminator(disc_cfg) -> GANDiscriminator:
     return GANDiscriminator(create_model(disc_cfg.model, **args))
 
 
-# ---- pausing DeepSpeed's backward hooks for the adaptive weight's autograd.grad ---------------------
-
-def _tensors(value: Any):
-    if isinstance(value, Tensor):
-        yield value
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            yield from _tensors(getattr(value, f.name))
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-
-
-@contextlib.contextmanager
-def _engine_hooks_paused(outputs: Any, module: nn.Module):
-    """While an ``autograd.grad`` that is not the engine's backward runs through the generator's
-    graph: DeepSpeed's output hooks (``OutputBackwardHookManager``: backward prologue once, and a
-    division by the accumulation steps per tensor) do nothing, and ZeRO-3's pre-backward module
-    functions (parameter fetch, reference count) do nothing; everything is restored after, so the
-    engine's real backward runs them exactly as without this call."""
-    managers = {}
-    for t in _tensors(outputs):
-        for m in getattr(t, "_backward_hook_managers", ()):
-            managers[id(m)] = m
-    saved = [(m, m.preprocess_done, m.preprocess_per_tensor_fn) for m in managers.values()]
-    counts = [(mod, mod.__dict__["applied_pre_backward_ref_cnt"]) for mod in module.modules()
-              if "applied_pre_backward_ref_cnt" in mod.__dict__]
-    for m, _, _ in saved:
-        m.preprocess_done, m.preprocess_per_tensor_fn = True, None
-    for mod, _ in counts:
-        mod.applied_pre_backward_ref_cnt = 0
-    try:
-        yield
-    finally:
-        for m, done, fn in saved:
-            m.preprocess_done, m.preprocess_per_tensor_fn = done, fn
-        for mod, c in counts:
-            mod.applied_pre_backward_ref_cnt = c
-
-
 # ---- the objective ------------------------------------------------------------------------------
 
 class GANTokenizerObjective(TokenizerObjective):
@@ -237,7 +191,7 @@ class GANTokenizerObjective(TokenizerObjective):
         """Keep a hook-free replica of the discriminator network on the meta device (no memory)
         for the generator's pass. Call before the module is partitioned (ZeRO-3)."""
         net = module.net if isinstance(module, GANDiscriminator) else module
-        if any(hasattr(p, "ds_id") for p in net.parameters()):
+        if any(is_partitioned(p) for p in net.parameters()):
             raise RuntimeError("bind_discriminator must see the discriminator before its ZeRO-3 engine exists")
         self._replica = copy.deepcopy(net).to("meta")
 
@@ -276,6 +230,14 @@ class GANTokenizerObjective(TokenizerObjective):
         self.batch_cache = {"real": images.detach(), "fake": out.recon.detach()}
         return total, metrics
 
+    def updates(self, models: dict[str, nn.Module], batch: dict, step: int):
+        """The generator's loss; then, from ``start_step`` on (its engine idles before), the
+        discriminator's on the same micro-batch's reals and the reconstructions of the generator
+        as it was before its update (``batch_cache``)."""
+        yield ("generator", *self(models, batch, step))
+        if self.active(step):
+            yield ("discriminator", *self.discriminator_step(models, self.batch_cache, step))
+
     def _disc_logits_frozen(self, models: dict[str, nn.Module], recon: Tensor) -> Tensor:
         """D(recon) with the discriminator's current weights detached (module docstring, point 1)."""
         wrapper = unwrap(models["discriminator"])
@@ -284,7 +246,7 @@ class GANTokenizerObjective(TokenizerObjective):
             self.bind_discriminator(net)
         params = dict(net.named_parameters())
         with gathered(list(params.values())):
-            zero3 = any(hasattr(p, "ds_id") for p in params.values())
+            zero3 = any(is_partitioned(p) for p in params.values())
             state = {n: (p.detach().clone() if zero3 else p.detach()) for n, p in params.items()}
         state.update({n: b.detach().clone() for n, b in net.named_buffers()})
         return torch.func.functional_call(self._replica, state, (_model_input(net, recon),))
@@ -297,7 +259,7 @@ class GANTokenizerObjective(TokenizerObjective):
             self._warn_once("adaptive", f"{type(tok).__name__}: the adaptive GAN weight needs the last layer to be a "
                                         "Linear/Conv called as a module; using weight 1.0")
             return torch.ones((), device=g.device)
-        with _engine_hooks_paused(out, tok):
+        with backward_hooks_paused(out, tok):
             grad_nll = torch.autograd.grad(nll, h, retain_graph=True, allow_unused=True)[0]
             grad_g = torch.autograd.grad(g, h, retain_graph=True, allow_unused=True)[0]
         if grad_nll is None or grad_g is None:     # a term that does not reach the last layer

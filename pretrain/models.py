@@ -1,6 +1,9 @@
 """The run's model: a registry preset (``RunConfig.model``) built with the run's ``model_args`` and
 what the data derives (a prior's grid and codebook from its code manifest), and the check that
 those arguments fit the preset, done on the meta device before a run starts or a job is queued.
+The typed ``model`` branch of the run config (``--set model.quantizer.codebook_size=1024`` checked
+against the preset's config dataclass) is :mod:`pretrain.model_overrides`, below this module and
+the recipes.
 
 Shared by the Trainer, the FLOP counter, the export (``pretrain.resolve``) and ``vqscale submit``,
 so it sits below all of them.
@@ -16,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, to_dict
+from .model_overrides import checked_model_args
 
 if TYPE_CHECKING:
     from .recipes import RunConfig
@@ -58,13 +62,24 @@ def model_from_config(cfg: RunConfig, derived: dict[str, Any] | None = None, dev
 def check_model_args(cfg: RunConfig) -> None:
     """``model_args`` that the preset's config does not take (a mistyped ``--set model_args.X=``)
     or rejects: a config error naming the preset, found by building it on the meta device before
-    anything starts (it was a TypeError from inside the run's setup, after the process group)."""
-    if not cfg.model_args:
-        return
+    anything starts (it was a TypeError from inside the run's setup, after the process group).
+    First every entry is walked against the preset's config dataclass (an unknown preset, field or
+    a value of the wrong type: the one-line error of ``--set model.FIELD=``), for model_args that
+    came from a recipe or a config file rather than an override; the discriminator's too."""
     from model_zoo.registry import create_model
 
-    try:
-        with torch.device("meta"):
-            create_model(cfg.model, **preset_args(cfg))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model_args {json.dumps(cfg.model_args)} for model {cfg.model!r}: {e}") from None
+    checked_model_args(cfg.model, dict(cfg.model_args))
+    disc = getattr(cfg, "discriminator", None)
+    checks = [(cfg.model, preset_args(cfg), "model_args")]
+    if disc is not None and disc.model:
+        checked_model_args(disc.model, dict(disc.model_args), "discriminator.model_args")
+        checks.append((disc.model, _tuples(dict(disc.model_args)), "discriminator.model_args"))
+    for name, args, key in checks:
+        if not args:
+            continue
+        try:
+            with torch.device("meta"):
+                create_model(name, **args)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{key} {json.dumps(to_dict(args))} for model {name!r}: {e}") from None
+

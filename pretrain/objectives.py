@@ -1,14 +1,14 @@
 """Training objectives: what a step computes from a batch, so that ONE Trainer loop serves both
 stages (torchtitan style: the loop owns engines, data, checkpoints; the objective owns the loss).
 
-Interface (every objective)::
+The contract with the Trainer (:mod:`pretrain.step`): each objective subclasses
+:class:`pretrain.step.Objective`, names its engines in ``models`` and yields, per micro-batch, the
+loss of each engine in ``updates``; the inherited ``train_step(engines, micro_batches, step)`` runs
+the backward and optimizer step of every loss and returns a :class:`pretrain.step.StepReport`.
+``__call__(models, batch, step) -> (loss, metrics)`` is the trained model's loss of one batch
+(what ``updates`` yields for it); ``validation`` and ``visuals`` complete the interface.
 
-    models: tuple[str, ...]                       # the engines it needs, e.g. ("model",)
-    __call__(models, batch, step) -> (loss, metrics)   # loss of the engine models[0]; detached scalars
-    validation(models, batch, step) -> {name: float}   # held-out metrics, no_grad, eval mode
-    visuals(models, batch) -> {name: [B, 3, H, W] in [-1, 1]}
-
-``models`` maps those names to plain modules or wrappers keeping the model in ``.module``
+The engines (the ``models`` argument) map those names to plain modules or wrappers keeping the model in ``.module``
 (DeepSpeed engines, DDP). Every training forward goes through the wrapper's ``forward``: DeepSpeed's
 ``engine.forward`` does bookkeeping that ZeRO-3 needs (measured with DeepSpeed 0.19.8, 2 ranks,
 gradient accumulation 2: calling ``engine.module.loss`` directly leaves the ZeRO-3 update 2e-2 off a
@@ -16,7 +16,7 @@ plain-torch reference, the forward route matches it to 1e-8; ZeRO-2 is exact bot
 needs it too. ``set_step`` and ``generate`` are called on the unwrapped model (sampling under
 ZeRO-3 gathers the parameters first). Metrics are detached 0-dim tensors (no host sync per step).
 Tokenizers return dataclasses (``TokenizerOutput``/``QuantizerOutput``); DeepSpeed's hooks only
-walk tensors, tuples, lists and dicts, so :func:`pretrain.engine.build_engine` teaches them
+walk tensors, tuples, lists and dicts, so :func:`pretrain.runtime.build_engine` teaches them
 dataclasses (without it a ZeRO-3 tokenizer fails in backward). Both stages run at any ZeRO stage;
 tokenizers at ZeRO-3 match ZeRO-2 bit for bit in fp32 (tests/test_zero3_tokenizer.py).
 
@@ -50,13 +50,11 @@ objective (:class:`pretrain.gan.GANTokenizerObjective`, ``models = ("generator",
 it works under ZeRO; see that module), and adds the discriminator's loss for the second engine.
 Passing a "discriminator" to this objective raises instead of silently training without one.
 
-:class:`PriorObjective` (stage 2): next-token cross-entropy on the teacher-forced logits of the
-prior's ``forward`` (so it runs through the engine), the same terms as each prior's ``loss``
-(tested equal): code CE, plus position CE for Stackformer (official weight 1.0). Condition
-dropout: the text prior (captions) and Stackformer (labels) drop in ``forward``; VIM drops only in
-``loss``, so for VIM the objective draws it here, exactly as VIM's ``loss`` does. The condition
-comes from the batch: class labels (``label``, -1 = unconditional) or, for the text prior, cached
-per-token embeddings (``text_embedding`` + ``text_mask``), else ``text_tokens`` (tokenized in the
+:class:`PriorObjective` (stage 2): the prior's own loss, ``model_zoo.interfaces.next_token_loss``
+of the teacher-forced output of its ``forward`` (called through the engine): code CE, plus
+position CE for Stackformer (official weight 1.0). Every prior drops its condition in ``forward``
+in training mode (classifier-free guidance). The condition comes from the batch: class labels
+(``label``, -1 = unconditional) or, for the text prior, cached per-token embeddings (``text_embedding`` + ``text_mask``), else ``text_tokens`` (tokenized in the
 loader's workers by a :class:`CaptionTokenizer`), else ``caption`` strings tokenized here.
 Metrics: the CE terms, token accuracy and bits per token.
 """
@@ -75,17 +73,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_zoo import losses as L
-from model_zoo.interfaces import TokenizerOutput
+from model_zoo.interfaces import TokenizerOutput, next_token_loss
 from model_zoo.sampling import SamplingConfig, sample_seeds
 
 from .distributed import rank_world
-from .engine import gathered
+from .step import Objective
+from .runtime import gathered
 
 __all__ = ["TokenizerLossConfig", "PriorLossConfig", "TokenizerObjective", "PriorObjective",
            "CaptionTokenizer", "build_objective", "unwrap", "COLLAPSE_METRIC", "CollapseWatch", "LOSS_PRESETS"]
 
 COLLAPSE_METRIC = "codebook/collapse_warning"   # 1.0 when codebook usage is below the threshold
 _LN2 = math.log(2.0)
+# the prior's loss terms as metrics
+_PRIOR_METRIC = {"code_ce": "loss/code_ce", "code_accuracy": "accuracy/code", "position_ce": "loss/position_ce",
+                 "position_accuracy": "accuracy/position"}
 
 
 class CollapseWatch:
@@ -217,7 +219,7 @@ def distance_grid(out: TokenizerOutput, grid_size: tuple[int, int]) -> Tensor:
     return d.view(d.shape[0], h, w)
 
 
-class TokenizerObjective:
+class TokenizerObjective(Objective):
     """Stage-1 objective (module docstring). ``perceptual``: an LPIPS instance to use, else one is
     built when a perceptual weight is set; ``contrastive_features``: the VGG-19 of the contrastive
     loss, else one is built when a contrastive weight is set (both ``cfg.perceptual_pretrained``)."""
@@ -360,6 +362,9 @@ class TokenizerObjective:
         total, metrics, _, _ = self._step(models, batch, step)
         return total, metrics
 
+    def updates(self, models: dict[str, nn.Module], batch: dict, step: int):
+        yield (self.models[0], *self(models, batch, step))
+
     def validation(self, models: dict[str, nn.Module], batch: dict, step: int) -> dict[str, float]:
         with _eval_mode(models[self.models[0]]):
             _, metrics, _, _ = self._step(models, batch, step)
@@ -390,7 +395,7 @@ class PriorLossConfig:
     prior: code CE; Stackformer: code CE + position CE with the official weight 1.0). Condition
     dropout is each prior's own config (``class_dropout`` / ``caption_dropout``, default 0.1, for
     classifier-free guidance); VIM's and Stackformer's are vqscale's options, not their papers',
-    and their paper recipes turn them off (``model_args.class_dropout=0``).
+    and their paper recipes turn them off (``model.class_dropout=0``).
     ``condition="unconditional"`` trains every sample with the null condition (the paper's
     unconditional VIM, ``vim-base-uncond``). The ``visual_*`` fields set the few samples drawn by
     :meth:`PriorObjective.visuals` (same seeds every time); ``visual_position_top_k`` /
@@ -420,7 +425,7 @@ class CaptionTokenizer:
 
     @classmethod
     def for_prior(cls, prior: nn.Module) -> "CaptionTokenizer":
-        cfg = unwrap(prior).cfg
+        cfg = unwrap(prior).config
         return cls(cfg.text_encoder, dict(cfg.text_encoder_overrides))
 
     def __getstate__(self) -> dict[str, Any]:
@@ -441,22 +446,15 @@ class CaptionTokenizer:
         return functools.partial(_collate_then_tokenize, collate, self)
 
 
-def _collate_then_tokenize(collate, tokenizer: CaptionTokenizer, samples: list) -> dict:
-    return tokenizer(collate(samples))
+def _collate_then_tokenize(collate, text_tokenizer: CaptionTokenizer, samples: list) -> dict:
+    return text_tokenizer(collate(samples))
 
 
 def _is_text_prior(prior: nn.Module) -> bool:
     return hasattr(prior, "text_encoder") and hasattr(prior, "encode_condition")
 
 
-def _drops_condition_in_loss(prior: nn.Module) -> bool:
-    """VIM drops its class label in ``loss`` only; the text prior and Stackformer drop the
-    condition in ``forward`` (training mode). Pinned by tests/test_objectives.py."""
-    from model_zoo.vim import VIM
-    return isinstance(prior, VIM)
-
-
-class PriorObjective:
+class PriorObjective(Objective):
     """Stage-2 objective (module docstring). ``tokenizer`` (optional, any Tokenizer matching the
     prior's codes) decodes the samples of :meth:`visuals`; without it ``visuals`` returns {}."""
 
@@ -494,23 +492,11 @@ class PriorObjective:
         positions = batch.get("positions")
         positions = None if positions is None else positions.to(dev, non_blocking=True).long()
         cond = self.condition(prior, batch)
-        p = getattr(prior.cfg, "class_dropout", 0.0) if _drops_condition_in_loss(prior) else 0.0
-        if prior.training and p > 0 and isinstance(cond, Tensor):
-            # VIM drops its label in ``loss``, not ``forward``: the same draw here (-1 = null class).
-            y = torch.as_tensor(cond, device=dev).long()
-            cond = torch.where(torch.rand(y.shape, device=dev) < p, torch.full_like(y, -1), y)
         # Through the wrapper's forward: DeepSpeed's engine.forward does bookkeeping that ZeRO-3
-        # needs (calling prior.loss on the bare module gives wrong updates under ZeRO-3), DDP too.
-        out = model(codes, cond, positions)
-        code_logits, pos_logits = out if isinstance(out, tuple) else (out, None)
-        m: dict[str, Tensor] = {}
-        loss = m["loss/code_ce"] = F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
-        m["accuracy/code"] = (code_logits.detach().argmax(-1) == codes).float().mean()
-        if pos_logits is not None:   # Stackformer: impossible positions are -inf in its logits
-            m["loss/position_ce"] = F.cross_entropy(pos_logits.flatten(0, 1).float(), positions.flatten())
-            loss = loss + m["loss/position_ce"]     # the official position weight 1.0
-            m["accuracy/position"] = (pos_logits.detach().argmax(-1) == positions).float().mean()
-        m = {"loss": loss.detach(), **{k: v.detach() for k, v in m.items()}}
+        # needs (calling prior.loss on the bare module gives wrong updates under ZeRO-3), DDP too;
+        # the loss of the output is the prior's own (model_zoo.interfaces.next_token_loss).
+        loss, terms = next_token_loss(model(codes, cond, positions), codes, positions)
+        m = {"loss": loss.detach(), **{_PRIOR_METRIC[k]: v for k, v in terms.items()}}
         # Bits per token: Stackformer's token is a (code, position) pair, so its loss is both CEs.
         m["bits_per_token"] = m["loss"] / _LN2
         m["bits_per_code"] = m["loss/code_ce"] / _LN2
@@ -518,6 +504,9 @@ class PriorObjective:
 
     def __call__(self, models: dict[str, nn.Module], batch: dict, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         return self._step(models, batch)
+
+    def updates(self, models: dict[str, nn.Module], batch: dict, step: int):
+        yield (self.models[0], *self._step(models, batch))
 
     def validation(self, models: dict[str, nn.Module], batch: dict, step: int) -> dict[str, float]:
         with _eval_mode(models[self.models[0]]):   # no dropout, no condition dropout

@@ -21,7 +21,7 @@ Where each number comes from (the comments at each setting below say the same, p
   the last step, 450k). Class-conditional by the class token only: the paper has no class
   dropout and no classifier-free guidance, so the paper recipes train with ``class_dropout=0``
   (``model_args``); dropout and guidance stay available as vqscale options
-  (``--set model_args.class_dropout=0.1``, ``vqscale sample --guidance``). Rejection sampling
+  (``--set model.class_dropout=0.1``, ``vqscale sample --guidance``). Rejection sampling
   (a classifier keeps the best-scored fraction of the samples) is ``vqscale sample --accept``.
   The linear probe (sec. 5.2) reads an unconditional VIM at a middle block (Base: block 10 of 24,
   Large: 15 of 36): ``vim-*-uncond``, and ``vqscale eval linear-probe`` reads that block by
@@ -60,8 +60,10 @@ from typing import Any, Callable, Literal
 from data_pipeline.config import DataConfig
 
 from .config import ConfigError
-from .engine import DeepSpeedSettings, OptimConfig
+from .model_overrides import TypedModelArgs
 from .objectives import PriorLossConfig, TokenizerLossConfig
+from .optim import OptimConfig
+from .runtime import DeepSpeedSettings
 
 __all__ = ["RunConfig", "ValidationConfig", "CheckpointConfig", "EMAConfig", "GuardConfig", "LogConfig",
            "DiscriminatorConfig", "register_recipe", "list_recipes", "get_recipe"]
@@ -89,7 +91,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class EMAConfig:
-    decay: float = 0.0               # 0 disables; sharded like ZeRO-3 (pretrain.engine.EMA)
+    decay: float = 0.0               # 0 disables; sharded like ZeRO-3 (pretrain.ema.EMA)
     warmup: bool = True              # decay ramps up as (1 + n) / (10 + n)
 
 
@@ -112,7 +114,7 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
-class DiscriminatorConfig:
+class DiscriminatorConfig(TypedModelArgs):
     """The adversarial game of a tokenizer run (:mod:`pretrain.gan`). ``model`` is a registry
     discriminator (``""`` = no GAN: a single-engine run); it gets its own optimizer and LR schedule
     (``optim``) and its own DeepSpeed engine (``deepspeed``; the supported generator/discriminator
@@ -142,7 +144,7 @@ class DiscriminatorConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(TypedModelArgs):
     """The resolved configuration of a run; written to ``RUN_DIR/config.json`` and every checkpoint."""
 
     name: str = "vit-vqgan-ss-tiny"
@@ -150,7 +152,9 @@ class RunConfig:
     run_dir: str = ""                # "" = runs/NAME
     stage: Literal["tokenizer", "prior"] = "tokenizer"
     model: str = "vit-vqgan-ss-tiny"  # registry preset
-    model_args: dict[str, Any] = field(default_factory=dict)   # overrides of the preset's config
+    # overrides of the preset's config dataclass (nested dicts for its nested configs); set with
+    # --set model.FIELD[.SUB]=V (or model_args.FIELD=V), checked against that dataclass's fields
+    model_args: dict[str, Any] = field(default_factory=dict)
     tokenizer: str = ""              # prior stage: tokenizer (package, run dir or step folder) for sample grids
     global_batch_size: int = 32      # stays fixed when the world size changes
     micro_batch_size: int = 0        # per rank and forward; 0 = global / world (no accumulation)

@@ -5,8 +5,8 @@ A run directory may come from object storage or from somebody else (``init_from`
 a colleague's run), so its ``.pt`` files are untrusted input. torch's ``weights_only`` unpickler
 builds tensors, containers and plain values and refuses any other global. DeepSpeed 0.19's
 checkpoints hold three small classes of its own besides tensors (the ZeRO stage enum, the loss
-scaler and the fragment address of a parameter in a flat buffer); they are the whole allowlist,
-found by ``torch.serialization.get_unsafe_globals_in_checkpoint`` over every checkpoint file the
+scaler and the fragment address of a parameter in a flat buffer); they are the whole allowlist
+(:func:`pretrain.runtime.deepspeed_globals`, as only that module imports DeepSpeed), found by ``torch.serialization.get_unsafe_globals_in_checkpoint`` over every checkpoint file the
 test suite writes (ZeRO-0/1/2/3, bf16, GAN pairs, universal folders).
 
 DeepSpeed itself calls ``torch.load(..., weights_only=False)``. ``weights_only_loads()`` turns
@@ -23,7 +23,7 @@ import re
 import threading
 from typing import Any, Iterator
 
-__all__ = ["UnsafeCheckpointError", "load", "weights_only_loads", "deepspeed_globals"]
+__all__ = ["UnsafeCheckpointError", "load", "weights_only_loads"]
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -36,27 +36,17 @@ _lock = threading.RLock()
 _depth = 0
 
 
-def deepspeed_globals() -> list[Any]:
-    """The non-tensor classes DeepSpeed pickles into its checkpoints (imported lazily: DeepSpeed
-    is not needed to read vqscale's own files)."""
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-    except ImportError:
-        return []
-    return [ZeroStageEnum, LossScaler, fragment_address]
-
-
 def load(f, map_location: Any = None, **kwargs) -> Any:
     """``torch.load`` with ``weights_only=True`` and DeepSpeed's classes allowed; a request for
     ``weights_only=False`` is overridden, not honoured."""
     import torch        # here, not at the top: the CLI imports this module for its error class
 
+    from . import runtime       # the one module that imports DeepSpeed names its classes
+
     kwargs.pop("weights_only", None)
     real = _torch_load or torch.load
     try:
-        with torch.serialization.safe_globals(deepspeed_globals()):
+        with torch.serialization.safe_globals(runtime.deepspeed_globals()):
             return real(f, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         name = os.fspath(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", "a torch file")

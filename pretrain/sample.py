@@ -1,6 +1,6 @@
-"""``vqscale sample``: images from a prior, decoded by its tokenizer, as a PNG grid.
+"""``vqscale sample``: images from a prior, decoded by its image tokenizer, as a PNG grid.
 
-The prior's package holds its tokenizer (model_zoo/package.py), so one path gives both. Every
+The prior's package holds its image tokenizer (model_zoo/package.py), so one path gives both. Every
 sample ``i`` (0-based, over the whole run) draws its tokens with the seed
 ``sampling.sample_seeds(seed, i)`` and the priors' counter-based sampling noise, so sample ``i``
 gets the same tokens whatever ``--batch-size`` is, and the same command writes a byte-identical
@@ -84,7 +84,7 @@ def make_condition(prior: torch.nn.Module, batch_size: int, class_label: int | N
 
 
 @torch.no_grad()
-def sample_images(prior, tokenizer, num: int, sampling, seed: int = 0, batch_size: int = 16,
+def sample_images(prior, image_tokenizer, num: int, sampling, seed: int = 0, batch_size: int = 16,
                   class_label: int | None = None, prompt: str | None = None, progress: bool = True,
                   start_index: int = 0) -> tuple[torch.Tensor, float]:
     """``num`` images ``[num, 3, H, W]`` on CPU and the seconds spent in ``prior.generate``.
@@ -113,7 +113,7 @@ def sample_images(prior, tokenizer, num: int, sampling, seed: int = 0, batch_siz
                 torch.cuda.synchronize(device)
             gen_s += time.perf_counter() - t0
             codes, positions = gen if isinstance(gen, tuple) else (gen, None)   # Stackformer: (codes, positions)
-            images = tokenizer.decode(codes.to(device), None if positions is None else positions.to(device))
+            images = image_tokenizer.decode(codes.to(device), None if positions is None else positions.to(device))
             out.append(images.float().cpu())
             bar.update(b)
     return torch.cat(out), gen_s
@@ -123,7 +123,7 @@ Classifier = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def rejection_sample(prior, tokenizer, num: int, sampling, classifier: Classifier, acceptance_rate: float,
+def rejection_sample(prior, image_tokenizer, num: int, sampling, classifier: Classifier, acceptance_rate: float,
                      seed: int = 0, batch_size: int = 16, class_label: int | None = None,
                      prompt: str | None = None, progress: bool = True) -> tuple[torch.Tensor, float, dict[str, Any]]:
     """VIM's rejection sampling: ``num`` images kept of ``ceil(num / acceptance_rate)``
@@ -140,7 +140,7 @@ def rejection_sample(prior, tokenizer, num: int, sampling, classifier: Classifie
         n = num_candidates(num, acceptance_rate)
     except ValueError as e:
         raise SampleError(str(e)) from None
-    images, gen_s = sample_images(prior, tokenizer, n, sampling, seed=seed, batch_size=batch_size,
+    images, gen_s = sample_images(prior, image_tokenizer, n, sampling, seed=seed, batch_size=batch_size,
                                   class_label=class_label, prompt=prompt, progress=progress)
     label = -1 if class_label is None else int(class_label)
     scores = []
@@ -180,15 +180,15 @@ def run_sample(prior: str, out: str, num: int, class_label: int | None = None, p
     if acceptance_rate != 1.0 and classifier is None:
         raise SampleError("--accept below 1 needs a classifier to score the samples (--classifier)")
     url = resolve_prior(prior)
-    model, tokenizer = load_prior_with_tokenizer(url, device=device)
+    model, image_tokenizer = load_prior_with_tokenizer(url, device=device)
     rejection = None
     if acceptance_rate != 1.0:
-        images, gen_s, info = rejection_sample(model, tokenizer, num, sampling, classifier, acceptance_rate,
+        images, gen_s, info = rejection_sample(model, image_tokenizer, num, sampling, classifier, acceptance_rate,
                                                seed=seed, batch_size=batch_size, class_label=class_label,
                                                prompt=prompt, progress=progress)
         rejection = {k: info[k] for k in ("acceptance_rate", "candidates", "kept")}
     else:
-        images, gen_s = sample_images(model, tokenizer, num, sampling, seed=seed, batch_size=batch_size,
+        images, gen_s = sample_images(model, image_tokenizer, num, sampling, seed=seed, batch_size=batch_size,
                                       class_label=class_label, prompt=prompt, progress=progress)
     save_grid(images, out, ncol=ncol)
     tokens = (rejection["candidates"] if rejection else num) * int(model.num_tokens)

@@ -5,21 +5,20 @@ tokenizer, code shards for a prior), the model from the registry, its DeepSpeed 
 resume from ``RUN_DIR/checkpoints/latest``, the step loop with gradient accumulation, guard rails,
 validation and visuals, metrics, checkpoints and ``status.json``.
 
-A step = ``gradient_accumulation_steps`` micro-batches per rank, each ``loss = objective(...);
-engine.backward(loss); engine.step()``: DeepSpeed accumulates and steps the optimizer at the
-boundary. Step numbers count finished optimizer steps (checkpoint ``step_00000100`` holds the state
-after 100 steps).
+A step is the objective's ``train_step`` (:mod:`pretrain.step`) over ``gradient_accumulation_steps``
+micro-batches per rank: per micro-batch each engine's loss -> ``engine.backward(loss);
+engine.step()``, DeepSpeed accumulating and stepping the optimizer at the boundary; it returns a
+``StepReport`` that the Trainer's components read (guard rails, logs, cadence:
+:mod:`pretrain.components`). Step numbers count finished optimizer steps (checkpoint
+``step_00000100`` holds the state after 100 steps).
 
-GAN tokenizer runs (``cfg.discriminator.model`` set; :mod:`pretrain.gan`): two engines,
+GAN tokenizer runs (``cfg.discriminator.model`` set; :mod:`pretrain.gan`): always two engines,
 "generator" (the tokenizer, with the EMA) and "discriminator", each with its own optimizer,
-schedule and ZeRO stage, both in every checkpoint. Per micro-batch: the generator's loss ->
-its engine's backward/step, then from ``discriminator.start_step`` on the discriminator's loss on
-the same micro-batch's reals and detached reconstructions -> its engine's backward/step. Skips
-are counted per engine (``guard/disc_skipped_steps``; either engine's streak can stop the run).
-A run whose steps all come before the discriminator's start trains one engine, "model", as a
-plain tokenizer run (what the GAN run is until then); extending it loads that "model" into the
-generator, and the discriminator starts as the GAN run's would (its init has its own seed), so
-the continuation equals the GAN run from the start (tested bit for bit). The resolver exports the
+schedule and ZeRO stage, both in every checkpoint, whatever the step count (the discriminator
+idles before ``discriminator.start_step``). Skips are counted per engine
+(``guard/disc_skipped_steps``; either engine's streak can stop the run). A checkpoint of the
+older single-engine layout ("model", written by a GAN recipe that stopped before the start step)
+loads into the generator (:func:`pretrain.checkpoint.load_checkpoint`). The resolver exports the
 generator.
 
 Exact resume: the checkpoint restores weights, optimizer, schedule, EMA, every rank's RNG and the
@@ -28,7 +27,7 @@ creation of loader iterators run under ``torch.random.fork_rng``). So on the sam
 killed after step N continues bit-identically in fp32 on CPU (tested with SIGKILL).
 
 Guard rails: a non-finite gradient makes the engine skip the optimizer step on every rank
-(:mod:`pretrain.engine`); the Trainer counts skips (``guard/skipped_steps``), does not update the EMA
+(:mod:`pretrain.runtime`); the Trainer counts skips (``guard/skipped_steps``), does not update the EMA
 on them, and after ``guard.max_consecutive_skips`` in a row saves a checkpoint and stops with
 :class:`TrainingDiverged`. Codebook usage below the objective's threshold is logged as a warning.
 SIGTERM/SIGUSR1 (Slurm pre-emption) stop every rank after the same step with a checkpoint.
@@ -40,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -58,13 +56,17 @@ from data_pipeline.stream import check_lost_fraction
 from . import checkpoint as ckpt
 from .config import ConfigError, to_dict, write_resolved
 from .distributed import init_distributed, process_stop_flag, setup_rank_logging
-from .engine import EMA, build_engine, check_deepspeed_version, gradient_accumulation_steps
+from .ema import EMA
 from .flops import flops_at_step, peak_flops, step_flops_per_sample
 from .metrics import MetricLogger, update_status
 from .models import check_model_args, model_from_config, preset_args
+from .components import Guard, KeysFile, Profiler, due
 from .objectives import COLLAPSE_METRIC, CaptionTokenizer, CollapseWatch, build_objective
+from .optim import gradient_accumulation_steps
 from .recipes import RunConfig
 from .repro import run_metadata, seed_everything
+from .runtime import build_engine, check_deepspeed_version
+from .step import MicroBatches, StepReport
 
 log = logging.getLogger("vqscale.trainer")
 
@@ -108,11 +110,6 @@ class TrainResult:
 
 # ---- building blocks (also used by the resolver and the demo) ----------------------------------
 
-def _or_nonfinite(flag: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor:
-    bad = ~torch.isfinite(loss.detach()).all()
-    return bad if flag is None else flag | bad
-
-
 def _local_dir(run_dir: str) -> str:
     """A local folder for what only writes locally (rank logs, profiler traces, key audits)."""
     if not storage.is_remote(run_dir):
@@ -130,6 +127,14 @@ def _no_rng():
 def _new_window() -> dict[str, float]:
     """What the log interval accumulates: data wait, samples, tokens, steps, model FLOPs."""
     return {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "tokens": 0, "steps": 0, "flops": 0.0}
+
+
+def _add_to_window(window: dict[str, float], report: StepReport, flops_per_sample: float) -> None:
+    window["wait"] += report.data_wait_s
+    window["samples"] += report.samples
+    window["tokens"] += report.tokens
+    window["steps"] += 1
+    window["flops"] += flops_per_sample * report.samples
 
 
 def _mean_over_ranks(values: dict[str, torch.Tensor | float], device) -> dict[str, float]:
@@ -184,9 +189,7 @@ class Trainer:
         self.tokenizer_identity: dict[str, str] | None = None   # a prior's tokenizer: {name, sha256, url}
         self.tokenizer = self._visual_tokenizer()
         lcfg = cfg.tokenizer_loss if cfg.stage == "tokenizer" else cfg.prior_loss
-        self.gan = self._wants_gan()
-        modules = {}
-        if self.gan:
+        if cfg.stage == "tokenizer" and cfg.discriminator.model:
             # two engines: the tokenizer ("generator") and the discriminator (pretrain/gan.py)
             from .gan import GANTokenizerObjective, build_discriminator, check_supported
 
@@ -201,7 +204,7 @@ class Trainer:
         else:
             self.objective = build_objective(cfg.stage, lcfg, tokenizer=self.tokenizer)
             modules = {"model": self.model}
-        if cfg.stage == "prior" and getattr(getattr(self.model, "cfg", None), "text_encoder", None):
+        if cfg.stage == "prior" and getattr(getattr(self.model, "config", None), "text_encoder", None):
             self.loader.spec = dataclasses.replace(
                 self.loader.spec, collate=CaptionTokenizer.for_prior(self.model).wrap(self.loader.spec.collate))
         self.engines = {}
@@ -213,7 +216,6 @@ class Trainer:
             self.engines[name] = build_engine(modules[name], optim, ds, self.micro, cfg.global_batch_size, name=name)
         self.main = self.objective.models[0]          # the engine of the trained model: "model" or "generator"
         self.engine = self.engines[self.main]
-        self.disc_engine = self.engines.get("discriminator")
         if cfg.compile:
             self.engine.compile()
         self.emas = {self.main: EMA(self.engine, cfg.ema.decay, cfg.ema.warmup)} if cfg.ema.decay > 0 else {}
@@ -223,50 +225,7 @@ class Trainer:
             self.val_loader, _ = self._make_loader(cfg.validation.url, self.micro, cfg.seed + 1, 0)
             self.val_state = self.val_loader.state_dict()
         self._collapse = CollapseWatch(every=10 * cfg.log.every)
-        self.counters = {"skipped_steps": 0, "consecutive_skips": 0, "nonfinite_losses": 0}
-        self._pending: dict[str, torch.Tensor] = {}     # counter -> device count not yet added
-        if self.gan:
-            self.counters.update({"disc_skipped_steps": 0, "disc_consecutive_skips": 0, "disc_nonfinite_losses": 0})
-
-    def _wants_gan(self) -> bool:
-        """A tokenizer run with a discriminator trains two engines ("generator", "discriminator")
-        when it reaches the discriminator's start step, or resumes a checkpoint that has them. A
-        run that ends before the start (short CI runs of the -tiny recipes) trains one engine,
-        "model", exactly as the GAN run would until then; extending it later loads that "model"
-        into the generator and starts the discriminator fresh (:meth:`_load_plan`), which is what
-        the GAN run's discriminator was until its start step (its init comes from its own seed)."""
-        cfg = self.cfg
-        if cfg.stage != "tokenizer" or not cfg.discriminator.model:
-            return False
-        if cfg.steps > cfg.discriminator.start_step:
-            return True
-        return cfg.checkpoint.resume and "generator" in self._checkpoint_engines(self.run_dir)
-
-    @staticmethod
-    def _checkpoint_engines(url: str) -> list[str]:
-        """The engine names of the step folder ``url`` resolves to (run directory: its latest)."""
-        try:
-            step = ckpt.resolve_step_url(url)
-            return sorted(storage.read_json(storage.join(step, "meta.json")).get("engines", {})) if step else []
-        except (OSError, ValueError):
-            return []       # a damaged latest step: the load falls back past it and says why
-
-    def _load_plan(self, url: str) -> tuple[dict, dict]:
-        """(engines, emas) to load from ``url``: a GAN run resuming or warm-starting from a
-        single-engine tokenizer checkpoint loads its "model" (and EMA) into the generator (the
-        discriminator keeps its fresh state); a single-engine tokenizer run warm-starting from a
-        GAN run loads its generator."""
-        if self.cfg.stage == "tokenizer" and ckpt.resolve_step_url(url) is not None:
-            names = self._checkpoint_engines(url)
-            ema = self.emas.get(self.main)
-            if self.gan and "generator" not in names and "model" in names:
-                log.info("%s holds a single-engine tokenizer: loading it into the generator; the discriminator "
-                         "starts fresh", url)
-                return {"model": self.engine}, ({"model": ema} if ema is not None else {})
-            if not self.gan and "model" not in names and "generator" in names:
-                log.info("%s holds a GAN run: loading its generator (the discriminator is not used)", url)
-                return {"generator": self.engine}, ({"generator": ema} if ema is not None else {})
-        return self.engines, self.emas
+        self.guard = Guard(self.objective.models, cfg.guard.max_consecutive_skips)
 
     def _make_loader(self, url: str, batch: int, seed: int, workers: int):
         cfg = self.cfg
@@ -307,18 +266,16 @@ class Trainer:
         cfg = self.cfg
         res = None
         if cfg.checkpoint.resume:
-            engines, emas = self._load_plan(self.run_dir)
-            res = ckpt.load_checkpoint(self.run_dir, engines, emas=emas)
+            res = ckpt.load_checkpoint(self.run_dir, self.engines, emas=self.emas)
         if res is None and cfg.checkpoint.init_from:
-            engines, emas = self._load_plan(cfg.checkpoint.init_from)
-            ckpt.load_checkpoint(cfg.checkpoint.init_from, engines, emas=emas, weights_only=True)
+            ckpt.load_checkpoint(cfg.checkpoint.init_from, self.engines, emas=self.emas, weights_only=True)
             log.info("warm start from %s (weights only)", cfg.checkpoint.init_from)
             return None
         if res is None:
             return None
         if res.loader_state is not None:
             self.loader.load_state_dict(res.loader_state)
-        self.counters.update(res.meta.get("trainer", {}))
+        self.guard.restore(res.meta.get("trainer", {}))
         self.step = res.step
         self.samples_seen = res.samples_seen
         return res.step
@@ -336,48 +293,6 @@ class Trainer:
             yield first
             yield from it
 
-    def _train_step(self, batches: Iterator[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """One optimizer step: per micro-batch the (generator's) loss -> backward -> step, then
-        for GAN runs from the discriminator's start step the discriminator's loss on the same
-        micro-batch's reals and detached reconstructions -> its engine's backward -> step."""
-        cfg, engine, disc = self.cfg, self.engine, self.disc_engine
-        sums: dict[str, torch.Tensor] = {}
-        # non-finite flags stay on the device (summed into the counters at the next log or save):
-        # reading them here would make every step wait for the device
-        info = {"wait": 0.0, "samples": 0, "tokens": 0, "keys": [], "nonfinite": None, "disc_nonfinite": None,
-                "disc_ran": False}
-        before = engine.skipped_steps
-        disc_before = disc.skipped_steps if disc is not None else 0
-        for _ in range(self.gas):
-            t = time.perf_counter()
-            batch = next(batches)
-            info["wait"] += time.perf_counter() - t
-            loss, metrics = self.objective(self.engines, batch, self.step)
-            if self.step + 1 in cfg.guard.inject_nan_steps and self.rank == 0:
-                loss = loss * float("nan")
-            engine.backward(loss)
-            engine.step()
-            if disc is not None and self.objective.active(self.step):
-                d_loss, d_metrics = self.objective.discriminator_step(self.engines, self.objective.batch_cache,
-                                                                      self.step)
-                disc.backward(d_loss)
-                disc.step()
-                metrics = {**metrics, **d_metrics}
-                info["disc_ran"] = True
-                info["disc_nonfinite"] = _or_nonfinite(info["disc_nonfinite"], d_loss)
-            for k, v in metrics.items():
-                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
-            info["nonfinite"] = _or_nonfinite(info["nonfinite"], loss)
-            n = len(batch["key"])
-            info["samples"] += n
-            if "codes" in batch:
-                info["tokens"] += int(batch["codes"].numel())
-            if cfg.log.record_keys:
-                info["keys"] += list(zip(batch["key"], batch["epoch"].tolist()))
-        info["skipped"] = engine.skipped_steps > before
-        info["disc_skipped"] = disc is not None and disc.skipped_steps > disc_before
-        return {k: v / self.gas for k, v in sums.items()}, info
-
     def _validate(self) -> dict[str, float]:
         self.val_loader.load_state_dict(self.val_state)
         sums: dict[str, float] = {}
@@ -387,7 +302,11 @@ class Trainer:
                 for k, v in self.objective.validation(self.engines, next(it), self.step).items():
                     sums[k] = sums.get(k, 0.0) + v
         means = {k: v / self.cfg.validation.batches for k, v in sums.items()}
-        return _mean_over_ranks(means, self.reduce_device)
+        val = _mean_over_ranks(means, self.reduce_device)
+        self.logger.scalars(self.step, val, prefix="val/")
+        log.info("step %d validation: %s", self.step,
+                 ", ".join(f"{k}={v:.4g}" for k, v in sorted(val.items()) if k.startswith("loss")))
+        return val
 
     def _visual_batch(self) -> dict:
         """A fixed batch for the grids: the first of the validation data, else of the training
@@ -411,26 +330,15 @@ class Trainer:
 
                 save_grid(images, storage.join(self.run_dir, "samples", f"{name}_{ckpt.step_name(self.step)}.png"))
 
-    def _count_on_device(self, name: str, flag: torch.Tensor | None) -> None:
-        """Add a step's non-finite flag (a device tensor) to counter ``name`` without reading it."""
-        if flag is not None:
-            self._pending[name] = flag.int() + self._pending[name] if name in self._pending else flag.int()
-
-    def _settle_counters(self) -> None:
-        """Add the device counts to the counters: one read per counter."""
-        for name, count in self._pending.items():
-            self.counters[name] += int(count)
-        self._pending.clear()
-
     def _save(self, metrics: dict[str, float]) -> str:
-        self._settle_counters()
+        self.guard.settle()
         state = self.loader.state_dict()
         try:
             url = ckpt.save_checkpoint(self.run_dir, self.step, self.engines, emas=self.emas,
                                        samples_seen=int(state["samples"]), loader_state=state,
                                        config=to_dict(self.cfg), metrics=metrics,
                                        keep_last=self.cfg.checkpoint.keep_last,
-                                       extra_meta={"trainer": dict(self.counters),
+                                       extra_meta={"trainer": dict(self.guard.counters),
                                                    "trainer_model_args": self.derived,
                                                    "tokenizer_package": self.tokenizer_identity})
         except Exception as e:
@@ -451,7 +359,7 @@ class Trainer:
         data = _status_data(totals) if totals else {}
         update_status(self.run_dir, state=state, step=self.step, steps=self.cfg.steps,
                       last_checkpoint=self.last_checkpoint, world_size=self.world,
-                      skipped_steps=self.counters["skipped_steps"], **job, **data,
+                      skipped_steps=self.guard.counters["skipped_steps"], **job, **data,
                       **({"reason": reason} if reason else {}), drop=() if reason else ("reason",))
         self._data_in_status = dict(totals or {})
 
@@ -477,11 +385,8 @@ class Trainer:
         return out
 
     # -- the loop -------------------------------------------------------------------------------
-    def fit(self) -> TrainResult:
-        t_start = time.time()
-        self.step, self.last_checkpoint, self.samples_seen = 0, None, 0
-        self._data: dict[str, float] = {}            # the loader's data totals at the last log point
-        self._data_in_status: dict[str, float] = {}
+    def _start(self) -> tuple[int | None, dict | None]:
+        """Set up and resume: (the step resumed at or None, the fixed batch of the visuals)."""
         cfg = self.cfg
         try:
             self._setup()
@@ -492,15 +397,35 @@ class Trainer:
                      self.run_dir, cfg.stage, cfg.model, cfg.steps, cfg.global_batch_size, self.world, self.micro,
                      self.gas, f", resumed at step {resumed}" if resumed is not None else "")
             self._status("running")     # from the start: a run that fails before its first checkpoint says so too
-            visual_batch = self._visual_batch() if cfg.validation.visuals_every > 0 else None
+            return resumed, (self._visual_batch() if cfg.validation.visuals_every > 0 else None)
         except BaseException as e:
             self._failed_before_the_loop(e)
             raise
+
+    def _check_diverged(self, last_metrics: dict[str, float]) -> None:
+        """After an engine's ``guard.max_consecutive_skips`` skipped steps in a row: a checkpoint
+        of the last good weights, then :class:`TrainingDiverged`."""
+        diverged = self.guard.diverged()
+        if diverged is None:
+            return
+        self._save(last_metrics)
+        raise TrainingDiverged(
+            f"{diverged[0]} non-finite steps{diverged[1]} in a row at step {self.step} "
+            f"(guard.max_consecutive_skips={self.cfg.guard.max_consecutive_skips}); the weights of the "
+            f"last good step are saved in {self.last_checkpoint}. Lower optim.lr, raise "
+            f"optim.warmup_steps or check the data, then resume")
+
+    def fit(self) -> TrainResult:
+        t_start = time.time()
+        self.step, self.last_checkpoint, self.samples_seen = 0, None, 0
+        self._data: dict[str, float] = {}            # the loader's data totals at the last log point
+        self._data_in_status: dict[str, float] = {}
+        cfg = self.cfg
+        resumed, visual_batch = self._start()
         stop = process_stop_flag().install()
-        keys_file = None
-        if cfg.log.record_keys:
-            os.makedirs(os.path.join(self.local_dir, "keys"), exist_ok=True)
-            keys_file = open(os.path.join(self.local_dir, "keys", f"rank{self.rank}.jsonl"), "a")
+        keys = KeysFile(self.local_dir, self.rank, cfg.log.record_keys)
+        profiler = Profiler(cfg.log.profile_start, cfg.log.profile_steps, os.path.join(self.local_dir, "profile"),
+                            self.rank, self.device.type == "cuda")
         bar = None
         if self.progress and self.rank == 0:
             from tqdm import tqdm
@@ -511,93 +436,43 @@ class Trainer:
         flops = step_flops_per_sample(cfg, self.derived) if peak is not None else None
         state, last_metrics, reason = "finished", {}, None
         window = _new_window()
-        prof = None
         batches = self._batches()
         try:
             while self.step < cfg.steps:
-                if cfg.log.profile_steps > 0 and self.step == cfg.log.profile_start and prof is None:
-                    prof = self._start_profiler()
-                metrics, info = self._train_step(batches)
+                profiler.before_step(self.step)
+                report = self.objective.train_step(
+                    self.engines, MicroBatches(batches, self.gas, keys=cfg.log.record_keys), self.step,
+                    poison=self.step + 1 in cfg.guard.inject_nan_steps and self.rank == 0)
                 self.step += 1
-                if prof is not None:
-                    prof.step()
-                    if self.step >= cfg.log.profile_start + cfg.log.profile_steps:
-                        prof.stop()
-                        prof = None
-                self._count_on_device("nonfinite_losses", info["nonfinite"])
-                if info["skipped"]:
-                    self.counters["skipped_steps"] += 1
-                    self.counters["consecutive_skips"] += 1
-                    log.warning("step %d: non-finite gradient, optimizer step skipped (%d in a row, %d in all)",
-                                self.step, self.counters["consecutive_skips"], self.counters["skipped_steps"])
-                else:
-                    self.counters["consecutive_skips"] = 0
+                profiler.after_step(self.step)
+                if self.guard.observe(self.step, report):
                     for ema in self.emas.values():
                         ema.update()
-                if self.gan and info["disc_ran"]:
-                    self._count_on_device("disc_nonfinite_losses", info["disc_nonfinite"])
-                    if info["disc_skipped"]:
-                        self.counters["disc_skipped_steps"] += 1
-                        self.counters["disc_consecutive_skips"] += 1
-                        log.warning("step %d: non-finite discriminator gradient, its optimizer step skipped "
-                                    "(%d in a row, %d in all)", self.step, self.counters["disc_consecutive_skips"],
-                                    self.counters["disc_skipped_steps"])
-                    else:
-                        self.counters["disc_consecutive_skips"] = 0
-                if keys_file is not None:
-                    keys_file.write(json.dumps({"step": self.step, "keys": info["keys"]}) + "\n")
-                    keys_file.flush()
-                window["wait"] += info["wait"]
-                window["samples"] += info["samples"]
-                self.samples_seen += info["samples"] * self.world
-                window["tokens"] += info["tokens"]
-                window["steps"] += 1
-                if flops is not None:
-                    window["flops"] += flops_at_step(flops, cfg, self.step - 1) * info["samples"]
-                if self.step % cfg.log.every == 0 or self.step == cfg.steps or self.step == 1:
-                    last_metrics = self._log(metrics, window, peak)
-                    if bar is not None:
-                        lost = {k: int(self._data.get(k, 0)) for k in ("defects", "lost_samples")}
-                        bar.set_postfix(loss=f"{last_metrics.get('loss', float('nan')):.4f}",
-                                        skipped=self.counters["skipped_steps"],
-                                        **{("lost" if k == "lost_samples" else k): v for k, v in lost.items() if v})
+                keys.write(self.step, report.keys)
+                self.samples_seen += report.samples * self.world
+                _add_to_window(window, report, flops_at_step(flops, cfg, self.step - 1) if flops is not None else 0.0)
+                if due(self.step, cfg.log.every, cfg.steps) or self.step == 1:
+                    last_metrics = self._log(report.metrics, window, peak, bar)
                     window = _new_window()
-                    if self.rank == 0 and _counts(self._data) != _counts(self._data_in_status):
-                        self._status("running")       # new defects or losses: visible where users look
-                    check_lost_fraction(self._data, cfg.data.max_lost_fraction, cfg.data.retry_for_s)
                 if bar is not None:
                     bar.update(1)
-                if self.val_loader is not None and cfg.validation.every > 0 and self.step % cfg.validation.every == 0:
-                    val = self._validate()
-                    self.logger.scalars(self.step, val, prefix="val/")
-                    log.info("step %d validation: %s", self.step,
-                             ", ".join(f"{k}={v:.4g}" for k, v in sorted(val.items()) if k.startswith("loss")))
-                if visual_batch is not None and self.step % cfg.validation.visuals_every == 0:
+                if self.val_loader is not None and due(self.step, cfg.validation.every):
+                    self._validate()
+                if visual_batch is not None and due(self.step, cfg.validation.visuals_every):
                     self._visuals(visual_batch)
-                streak, which = self.counters["consecutive_skips"], ""
-                if self.gan and self.counters["disc_consecutive_skips"] > streak:
-                    streak, which = self.counters["disc_consecutive_skips"], " of the discriminator"
-                if streak >= cfg.guard.max_consecutive_skips:
-                    state = "diverged"
-                    self._save(last_metrics)
-                    raise TrainingDiverged(
-                        f"{streak} non-finite steps{which} in a row at step {self.step} "
-                        f"(guard.max_consecutive_skips={cfg.guard.max_consecutive_skips}); the weights of the "
-                        f"last good step are saved in {self.last_checkpoint}. Lower optim.lr, raise "
-                        f"optim.warmup_steps or check the data, then resume")
+                self._check_diverged(last_metrics)
                 if stop.should_stop():
                     state = "stopped"
                     self._save(last_metrics)
                     log.warning("stopped by %s after step %d; checkpoint %s", stop.reason or "a signal",
                                 self.step, self.last_checkpoint)
                     break
-                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.steps:
+                if due(self.step, cfg.checkpoint.every, cfg.steps):
                     self._save(last_metrics)
             if self.step >= cfg.steps and self.last_checkpoint is None:
                 self._save(last_metrics)      # resumed a finished run: nothing to do
         except BaseException as e:
-            if state != "diverged":
-                state = "failed"
+            state = "diverged" if isinstance(e, TrainingDiverged) else "failed"
             reason = one_line_reason(e)
             raise
         finally:
@@ -605,9 +480,8 @@ class Trainer:
             # workers go first (they used to outlive an error by WORKER_TERM_GRACE_S), and no
             # step of the cleanup may hide the error or keep the status from being written
             # (a full disk fails the logger's flush too).
-            cleanup = [batches.close, stop.uninstall, prof.stop if prof is not None else None,
-                       bar.close if bar is not None else None, keys_file.close if keys_file is not None else None,
-                       self._settle_counters, lambda: self._status(state, reason), self.logger.close]
+            cleanup = [batches.close, stop.uninstall, profiler.stop, bar.close if bar is not None else None,
+                       keys.close, self.guard.settle, lambda: self._status(state, reason), self.logger.close]
             for fn in cleanup:
                 if fn is None:
                     continue
@@ -615,15 +489,18 @@ class Trainer:
                     fn()
                 except Exception as cleanup_error:  # noqa: BLE001 - the run's own outcome wins
                     # (a failed device must not hide the real error either: the counters are a report)
-                    if state in ("finished", "stopped") and fn != self._settle_counters:
+                    if state in ("finished", "stopped") and fn != self.guard.settle:
                         raise
                     log.error("while ending a %s run: %s", state, one_line_reason(cleanup_error))
         return TrainResult(run_dir=self.run_dir, state=state, step=self.step, last_checkpoint=self.last_checkpoint,
-                           skipped_steps=self.counters["skipped_steps"], resumed_from=resumed,
+                           skipped_steps=self.guard.counters["skipped_steps"], resumed_from=resumed,
                            metrics=last_metrics, wall_s=time.time() - t_start)
 
-    def _log(self, metrics: dict[str, torch.Tensor], window: dict, peak: float | None) -> dict[str, float]:
-        self._settle_counters()
+    def _log(self, metrics: dict[str, torch.Tensor], window: dict, peak: float | None, bar=None) -> dict[str, float]:
+        """A log point: the step's metrics and the window's rates, means over ranks, to
+        metrics.jsonl, TensorBoard and the progress bar; new data defects also to status.json,
+        and the data-loss policy judged."""
+        self.guard.settle()
         out = _mean_over_ranks(metrics, self.reduce_device)
         dt = max(1e-9, time.perf_counter() - window["t"])
         extra = {"images_per_s": window["samples"] * self.world / dt,
@@ -633,14 +510,13 @@ class Trainer:
             extra["tokens_per_s"] = window["tokens"] * self.world / dt
         extra = _mean_over_ranks(extra, self.reduce_device)   # per-rank estimates of global rates
         out.update(extra)
-        engines = [(self.engine, "", "")] + ([(self.disc_engine, "gan/", "disc_")] if self.gan else [])
-        for engine, prefix, counter in engines:
+        for name, engine in self.engines.items():
+            prefix = "gan/" if name == "discriminator" else ""
             out[f"{prefix}lr"] = float(engine.get_lr()[0])
             gn = engine.get_global_grad_norm()
             if gn is not None:
                 out[f"{prefix}grad_norm"] = float(gn)
-            for c in ("skipped_steps", "nonfinite_losses"):
-                out[f"guard/{counter}{c}"] = float(self.counters[f"{counter}{c}"])
+        out.update(self.guard.metrics())
         # (the loader's samples_seen is the global count at its last load plus this rank's since)
         out["samples_seen"] = float(self.samples_seen)
         # What the data cost so far, over ranks and across resumes (a collective): each defect
@@ -657,18 +533,14 @@ class Trainer:
         if self.rank == 0 and not self.progress:
             log.info("step %d: loss %.4f, %.1f img/s, data wait %.0f%%", self.step, out.get("loss", math.nan),
                      out["images_per_s"], 100 * out["data_wait_fraction"])
+        if bar is not None:
+            lost = {k: int(self._data.get(k, 0)) for k in ("defects", "lost_samples")}
+            bar.set_postfix(loss=f"{out.get('loss', float('nan')):.4f}", skipped=self.guard.counters["skipped_steps"],
+                            **{("lost" if k == "lost_samples" else k): v for k, v in lost.items() if v})
+        if self.rank == 0 and _counts(self._data) != _counts(self._data_in_status):
+            self._status("running")       # new defects or losses: visible where users look
+        check_lost_fraction(self._data, self.cfg.data.max_lost_fraction, self.cfg.data.retry_for_s)
         return out
-
-    def _start_profiler(self):
-        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        folder = os.path.join(self.local_dir, "profile")
-        log.info("profiling steps %d-%d into %s", self.step + 1, self.step + self.cfg.log.profile_steps, folder)
-        prof = profile(activities=acts, record_shapes=True, with_stack=False,
-                       on_trace_ready=tensorboard_trace_handler(folder, worker_name=f"rank{self.rank}"))
-        prof.start()
-        return prof
 
 
 def one_line_reason(e: BaseException) -> str:
@@ -757,7 +629,7 @@ def _check_class_count(cfg: RunConfig) -> None:
         return          # check_model_args reports bad model_args
     if isinstance(num, int) and hi >= num:
         raise ConfigError(f"the code shards at {root} have labels {lo}..{hi} ({hi + 1} classes) but the prior "
-                          f"{cfg.model!r} has {num} classes: set --set model_args.num_classes={hi + 1}")
+                          f"{cfg.model!r} has {num} classes: set --set model.num_classes={hi + 1}")
 
 
 def run_train(recipe: str, overrides=(), run_dir: str | None = None, resume: bool = True) -> TrainResult:

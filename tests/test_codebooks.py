@@ -196,7 +196,7 @@ def test_simvq_codebook_moves_as_a_whole_and_the_buffer_stays():
     q = simvq().train()
     assert "embed" not in dict(q.named_parameters()) and "embed" in dict(q.named_buffers())
     assert {n for n, _ in q.named_parameters()} == {"embed_proj"}
-    assert not q.cfg.restart_dead and not q.cfg.data_init          # no rows of its own to restart
+    assert not q.config.restart_dead and not q.config.data_init          # no rows of its own to restart
     frozen = q.embed.clone()
     z = torch.randn(3, 8, requires_grad=True)
     out = q(z)
@@ -308,7 +308,7 @@ def test_presets_round_trip_through_a_package(name, kind, tmp_path):
     assert out.quant.stats["usage"].item() > 0 and set(out.quant.stats) >= {"usage", "perplexity", "dead_codes"}
     save_package(tok, str(tmp_path / "pkg"))
     back = load_package(str(tmp_path / "pkg"))
-    assert back.cfg == tok.cfg and back.registry_name == name
+    assert back.config == tok.config and back.registry_name == name
     tok.eval()
     for k, v in tok.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
@@ -347,6 +347,6 @@ def test_recipe_overrides_reach_the_quantizer():
     with torch.device("meta"):
         model = model_from_config(cfg)
     assert isinstance(model.quantizer, FSQuantizer) and model.codebook_size == 1000
-    assert model.cfg.quantizer.fsq_levels == (8, 5, 5, 5) and model.cfg.quantizer.beta == 0.25   # preset's rest kept
+    assert model.config.quantizer.fsq_levels == (8, 5, 5, 5) and model.config.quantizer.beta == 0.25   # preset's rest kept
     with pytest.raises(ConfigError, match="'model_args.quantizer.kind' is a value"):
         apply_overrides(cfg, ["model_args.quantizer.kind.x=1"])

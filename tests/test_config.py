@@ -116,11 +116,11 @@ def test_cli_reports_a_bad_override_in_one_line(tmp_path):
 
 
 def test_a_deepspeed_outside_the_tested_releases_is_refused_in_one_line(monkeypatch):
-    """pretrain/engine.py patches DeepSpeed internals validated on 0.19: another release stops the
+    """pretrain/runtime.py patches DeepSpeed internals validated on 0.19: another release stops the
     run before anything starts (ConfigError: one line, exit 2) unless explicitly allowed."""
     import importlib.metadata
 
-    from pretrain.engine import DeepSpeedVersionError, check_deepspeed_version
+    from pretrain.runtime import DeepSpeedVersionError, check_deepspeed_version
 
     assert check_deepspeed_version() == importlib.metadata.version("deepspeed")     # the pinned one passes
     assert check_deepspeed_version("0.19.2") == "0.19.2"

@@ -32,7 +32,9 @@ if _ROOT not in sys.path:      # when run as a script by torch.distributed.run
 
 from pretrain import checkpoint as ck  # noqa: E402
 from pretrain import distributed as pd  # noqa: E402
-from pretrain import engine as pe  # noqa: E402
+from pretrain import ema as pema  # noqa: E402
+from pretrain import optim as po  # noqa: E402
+from pretrain import runtime as rt  # noqa: E402
 
 MICRO, GLOBAL = 2, 8
 STAGES = {"generator": 3, "discriminator": 2}
@@ -73,11 +75,11 @@ def _build(seed: int):
     torch.manual_seed(seed)
     engines, emas = {}, {}
     for name, stage in STAGES.items():
-        eng = pe.build_engine(Tiny(), pe.OptimConfig(lr=3e-2, warmup_steps=2, total_steps=12, grad_clip=1.0),
-                              pe.DeepSpeedSettings(zero_stage=stage, param_persistence_threshold=0),
+        eng = rt.build_engine(Tiny(), po.OptimConfig(lr=3e-2, warmup_steps=2, total_steps=12, grad_clip=1.0),
+                              rt.DeepSpeedSettings(zero_stage=stage, param_persistence_threshold=0),
                               MICRO, GLOBAL, name=name)
         engines[name] = eng
-        emas[name] = pe.EMA(eng, decay=0.8)
+        emas[name] = pema.EMA(eng, decay=0.8)
     return engines, emas
 
 
@@ -104,7 +106,7 @@ def _train_step(engines, emas, step: int) -> dict[str, float]:
 
 
 def _snapshot(engines, emas) -> dict:
-    return {name: {"weights": pe.consolidated_state_dict(eng), "ema": emas[name].full_state_dict(),
+    return {name: {"weights": rt.consolidated_state_dict(eng), "ema": emas[name].full_state_dict(),
                    "lr": eng.get_lr()[0], "global_steps": eng.global_steps} for name, eng in engines.items()}
 
 
@@ -117,12 +119,12 @@ def _phase_train(run: str, out: str) -> None:
     engines, emas = _build(seed=0)
     rec: dict = {"losses": {}, "world": env.world_size}
     trainable = {n: [k for k, p in e.module.named_parameters() if p.requires_grad] for n, e in engines.items()}
-    ref_ema = {n: {k: v.float().clone() for k, v in pe.consolidated_state_dict(e).items() if k in trainable[n]}
+    ref_ema = {n: {k: v.float().clone() for k, v in rt.consolidated_state_dict(e).items() if k in trainable[n]}
                for n, e in engines.items()}
     for step in range(1, 7):
         rec["losses"][step] = _train_step(engines, emas, step)
         for n, e in engines.items():           # reference EMA on whole tensors
-            live = pe.consolidated_state_dict(e)
+            live = rt.consolidated_state_dict(e)
             for k, v in ref_ema[n].items():
                 v.mul_(0.8).add_(live[k].float(), alpha=0.2)
         if step <= 3:
@@ -138,8 +140,8 @@ def _phase_train(run: str, out: str) -> None:
     rec["swapped"] = {}
     for n, e in engines.items():               # evaluating with the EMA, then back to the live weights
         with emas[n].swapped_in():
-            inside = pe.consolidated_state_dict(e)
-        rec["swapped"][n] = (inside, pe.consolidated_state_dict(e))
+            inside = rt.consolidated_state_dict(e)
+        rec["swapped"][n] = (inside, rt.consolidated_state_dict(e))
     rec["local_module"] = {n: {k: v.detach().clone() for k, v in e.module.state_dict().items()}
                            for n, e in engines.items()}
     # a crash inside the save of step 6: after every rank's engine shards, before `latest`
@@ -167,7 +169,7 @@ def _activation_checkpointing_check() -> dict:
     for ac in (False, True, "selective"):
         torch.manual_seed(0)
         model = create_model("vim-small-tiny")
-        eng = pe.build_engine(model, pe.OptimConfig(lr=1e-3), pe.DeepSpeedSettings(
+        eng = rt.build_engine(model, po.OptimConfig(lr=1e-3), rt.DeepSpeedSettings(
             zero_stage=3, activation_checkpointing=ac, param_persistence_threshold=0), 2, 4, name="vim")
         losses = []
         for step in range(2):
@@ -178,7 +180,7 @@ def _activation_checkpointing_check() -> dict:
             eng.step()
             losses.append(loss.item())
         wrapped = sum(getattr(b, "_vqscale_checkpointed", False) for b in model.modules())
-        res[ac] = {"losses": losses, "weights": pe.consolidated_state_dict(eng), "wrapped": wrapped}
+        res[ac] = {"losses": losses, "weights": rt.consolidated_state_dict(eng), "wrapped": wrapped}
     return res
 
 
@@ -247,15 +249,15 @@ def _phase_shrink(run: str, out: str) -> None:
     # a warm start: weights only, fresh optimizer; a step moves away from the loaded weights, not
     # back to the engine's own initial ones (the fp32 master copies were refreshed)
     warm, warm_emas = _build(seed=4)
-    init = {n: pe.consolidated_state_dict(e) for n, e in warm.items()}
+    init = {n: rt.consolidated_state_dict(e) for n, e in warm.items()}
     wres = ck.load_checkpoint(run, warm, emas=warm_emas, weights_only=True)
-    loaded = {n: pe.consolidated_state_dict(e) for n, e in warm.items()}
+    loaded = {n: rt.consolidated_state_dict(e) for n, e in warm.items()}
     for eng in warm.values():
         eng.module.drop.p = 0.0
     _train_step(warm, warm_emas, 7)
     dist_to = {}
     for n, e in warm.items():
-        after = pe.consolidated_state_dict(e)
+        after = rt.consolidated_state_dict(e)
         keys = [k for k, p in e.module.named_parameters() if p.requires_grad]
         dist_to[n] = [sum((after[k] - ref[k]).norm() ** 2 for k in keys) ** 0.5 for ref in (loaded[n], init[n])]
     rec["warm"] = {"flags": (wres.weights_only, wres.universal, wres.rng_restored), "loaded": loaded,
@@ -543,14 +545,14 @@ def test_rank_logging(tmp_path):
 
 
 def test_gradient_accumulation_from_world_size():
-    assert pe.gradient_accumulation_steps(32, 4, 1) == 8
-    assert pe.gradient_accumulation_steps(32, 4, 2) == 4
-    assert pe.gradient_accumulation_steps(32, 4, 8) == 1
+    assert po.gradient_accumulation_steps(32, 4, 1) == 8
+    assert po.gradient_accumulation_steps(32, 4, 2) == 4
+    assert po.gradient_accumulation_steps(32, 4, 8) == 1
     with pytest.raises(ValueError, match="not a multiple"):
-        pe.gradient_accumulation_steps(32, 4, 3)
-    optim, ds = pe.OptimConfig(), pe.DeepSpeedSettings(zero_stage=3)
+        po.gradient_accumulation_steps(32, 4, 3)
+    optim, ds = po.OptimConfig(), rt.DeepSpeedSettings(zero_stage=3)
     for world, ga in ((1, 8), (2, 4), (4, 2)):
-        cfg = pe.build_ds_config(optim, ds, 4, 32, world)
+        cfg = rt.build_ds_config(optim, ds, 4, 32, world)
         assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) \
             == (32, 4, ga)
     assert cfg["bf16"] == {"enabled": False}                                 # "auto" on CPU
@@ -558,27 +560,27 @@ def test_gradient_accumulation_from_world_size():
 
 
 def test_passthrough_merges_last():
-    ds = pe.DeepSpeedSettings(zero_stage=2, passthrough={
+    ds = rt.DeepSpeedSettings(zero_stage=2, passthrough={
         "zero_optimization": '{"reduce_scatter": false, "stage": 1}',    # a string, as --set gives it
         "steps_per_print": "10", "bf16": {"enabled": True}, "comms_logger": {"enabled": True}})
-    cfg = pe.build_ds_config(pe.OptimConfig(), ds, 2, 8, 2)
+    cfg = rt.build_ds_config(po.OptimConfig(), ds, 2, 8, 2)
     assert cfg["zero_optimization"]["reduce_scatter"] is False and cfg["zero_optimization"]["stage"] == 1
     assert cfg["zero_optimization"]["contiguous_gradients"] is True          # deep merge keeps the rest
     assert cfg["steps_per_print"] == 10 and cfg["bf16"] == {"enabled": True}
     assert cfg["comms_logger"] == {"enabled": True}
-    off = pe.build_ds_config(pe.OptimConfig(), pe.DeepSpeedSettings(zero_stage=2, offload_optimizer=True), 2, 8, 1)
+    off = rt.build_ds_config(po.OptimConfig(), rt.DeepSpeedSettings(zero_stage=2, offload_optimizer=True), 2, 8, 1)
     assert off["optimizer"]["type"] == "AdamW" and off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     with pytest.raises(ValueError):
-        pe.build_ds_config(pe.OptimConfig(), pe.DeepSpeedSettings(zero_stage=2, offload_params=True), 2, 8, 1)
+        rt.build_ds_config(po.OptimConfig(), rt.DeepSpeedSettings(zero_stage=2, offload_params=True), 2, 8, 1)
 
 
 def test_config_sections_take_overrides():
     from pretrain.config import apply_overrides
 
-    ds = apply_overrides(pe.DeepSpeedSettings(), ["zero_stage=3", "bf16=true", "passthrough.steps_per_print=5"])
+    ds = apply_overrides(rt.DeepSpeedSettings(), ["zero_stage=3", "bf16=true", "passthrough.steps_per_print=5"])
     assert ds.zero_stage == 3 and ds.bf16 is True and ds.passthrough == {"steps_per_print": 5}   # JSON-read free-form value
-    assert apply_overrides(pe.DeepSpeedSettings(), ["bf16=auto"]).bf16 == "auto"
-    opt = apply_overrides(pe.OptimConfig(), ["betas=0.9,0.99", "lr=2e-4"])
+    assert apply_overrides(rt.DeepSpeedSettings(), ["bf16=auto"]).bf16 == "auto"
+    opt = apply_overrides(po.OptimConfig(), ["betas=0.9,0.99", "lr=2e-4"])
     assert opt.betas == (0.9, 0.99) and opt.lr == 2e-4
 
 
@@ -598,7 +600,7 @@ def test_weight_decay_groups_and_frozen_parameters():
             return ["head.weight"]
 
     m = M()
-    groups = pe.weight_decay_groups(m, 0.05)
+    groups = po.weight_decay_groups(m, 0.05)
     names = {id(p): n for n, p in m.named_parameters()}
     decay = sorted(names[id(p)] for p in groups[0]["params"])
     no_decay = sorted(names[id(p)] for p in groups[1]["params"])
@@ -617,16 +619,16 @@ def test_tied_embedding_is_one_tensor_without_decay():
             self.head.weight = self.tok.weight
 
     m = Tied()
-    groups = pe.weight_decay_groups(m, 0.1)
+    groups = po.weight_decay_groups(m, 0.1)
     assert [len(g["params"]) for g in groups] == [1] and groups[0]["weight_decay"] == 0.0
     assert groups[0]["params"][0] is m.tok.weight
 
 
 def test_warmup_cosine_schedule():
-    f = pe.WarmupCosine(warmup=4, total=14, min_ratio=0.1)
+    f = po.WarmupCosine(warmup=4, total=14, min_ratio=0.1)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == 1.0 and f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
-    assert pe.WarmupCosine(0, 0, 0.1)(50) == 1.0
+    assert po.WarmupCosine(0, 0, 0.1)(50) == 1.0
 
 
 def test_checkpoint_names_and_resolution(tmp_path):

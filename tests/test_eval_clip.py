@@ -53,19 +53,19 @@ def test_loads_weights_from_a_path_and_scores_deterministically(clip_file):
         assert torch.equal(v, state[k]), k
     assert clip.info["weights"] == path and len(clip.info["sha256"]) == 64
     images = _images(5)
-    a = clip_score(images, PROMPTS[0], clip.model, clip.preprocess, clip.tokenizer)
-    b = clip_score(images, [PROMPTS[0]] * 5, clip.model, clip.preprocess, clip.tokenizer, batch_size=2)
+    a = clip_score(images, PROMPTS[0], clip.model, clip.preprocess, clip.text_tokenizer)
+    b = clip_score(images, [PROMPTS[0]] * 5, clip.model, clip.preprocess, clip.text_tokenizer, batch_size=2)
     assert a.shape == (5,) and a.dtype == torch.float64
     assert torch.all((a >= 0) & (a <= 100)) and bool((a > 0).any())   # not all clamped away
     assert torch.allclose(a, b, atol=1e-4)                 # batching does not change a score
     # The formula, against open_clip's own embeddings.
     with torch.no_grad():
         img = clip.model.encode_image(clip.preprocess(images))
-        txt = clip.model.encode_text(clip.tokenizer([PROMPTS[0]] * 5))
+        txt = clip.model.encode_text(clip.text_tokenizer([PROMPTS[0]] * 5))
     ref = 100 * torch.nn.functional.cosine_similarity(img, txt).clamp_min(0)
     assert torch.allclose(a.float(), ref, atol=1e-4)
     with pytest.raises(ValueError, match="2 captions for 5 images"):
-        clip_score(images, PROMPTS[:2], clip.model, clip.preprocess, clip.tokenizer)
+        clip_score(images, PROMPTS[:2], clip.model, clip.preprocess, clip.text_tokenizer)
 
 
 def test_cache_lookup_and_missing_weights_error(clip_file, tmp_path, monkeypatch):

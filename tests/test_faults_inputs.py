@@ -193,7 +193,7 @@ def test_a_prior_with_fewer_classes_than_the_labels_is_one_line(tmp_path):
     tok = _tokenizer_package(str(tmp_path / "tok"))
     run = tmp_path / "run"
     out, _ = _vqscale(_train(str(run), data, f"tokenizer={tok}"), timeout=120)
-    _one_line(out, "labels 0..19 (20 classes)", "10 classes", "--set model_args.num_classes=20")
+    _one_line(out, "labels 0..19 (20 classes)", "10 classes", "--set model.num_classes=20")
     assert not (run / "config.json").exists()
 
 
@@ -207,7 +207,7 @@ def test_submit_refuses_the_config_ones_before_queueing(tmp_path):
     junk.write_bytes(pickle.dumps({"w": [1.0]}))
     bad_pkg = _pickle_renamed_safetensors(str(tmp_path / "bad-tok"))
     run = tmp_path / "run"
-    cases = [(data20, f"tokenizer={tok}", ("labels 0..19 (20 classes)", "--set model_args.num_classes=20")),
+    cases = [(data20, f"tokenizer={tok}", ("labels 0..19 (20 classes)", "--set model.num_classes=20")),
              (data10, f"tokenizer={junk}", ("not a model-zoo package",)),
              (data10, f"tokenizer={bad_pkg}", ("not a safetensors file",))]
     for data, tok_set, words in cases:

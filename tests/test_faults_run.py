@@ -119,13 +119,13 @@ def _wait_for_step(proc: subprocess.Popen, run_dir: str, step: int, timeout: flo
 
 # A bug that strikes at step 3, inside the training loop, with the loader's workers alive.
 _BUG_AT_STEP_3 = """
-from pretrain.trainer import Trainer
-_step = Trainer._train_step
-def _buggy(self, batches):
-    if self.step == 2:
+from pretrain.step import Objective
+_step = Objective.train_step
+def _buggy(self, engines, micro_batches, step, **kwargs):
+    if step == 2:
         raise RuntimeError("injected bug at step 3")
-    return _step(self, batches)
-Trainer._train_step = _buggy
+    return _step(self, engines, micro_batches, step, **kwargs)
+Objective.train_step = _buggy
 """
 
 

@@ -28,7 +28,7 @@ def test_vim_base_count_matches_the_closed_form():
 
         model = model_from_config(cfg)
     t = model.num_tokens + 1          # the class token, then the codes
-    tc = model.cfg.transformer
+    tc = model.config.transformer
     closed = t * transformer_flops_per_token(matmul_params(model), tc.depth, tc.width, t)
     # the closed form's 12 L d T counts attention over the whole context; causal kernels are
     # counted the same way by torch, so the two agree up to small terms (norms, softmax)

@@ -15,7 +15,7 @@ One 2-process torchrun job (``_job``):
   stage) for 4 steps with checkpoints at 2 and 4, then a fresh Trainer resumes the step-2
   checkpoint: its losses at steps 3 and 4 and the final weights of both engines (and the
   generator's EMA) must be bit-identical. At ZeRO-2 also: a run that stops before the
-  discriminator starts (one "model" engine) and is then extended must equal the GAN run from the
+  discriminator starts (the discriminator idle) and is then extended must equal the GAN run from the
   start, bit for bit.
 
 In-process: the recipes' discriminators, the refusals at start-up, the adaptive weight against
@@ -51,8 +51,8 @@ TRAINER_STAGES = (1, 2, 3)
 # ---- the torchrun job ------------------------------------------------------------------------------
 
 def _disc_cfg(name: str, dstage: int):
-    from pretrain.engine import DeepSpeedSettings
     from pretrain.recipes import get_recipe
+    from pretrain.runtime import DeepSpeedSettings
 
     d = get_recipe(name).discriminator
     return dataclasses.replace(d, start_step=1, lecam_weight=0.1, r1_weight=10.0 if dstage < 3 else 0.0, r1_every=2,
@@ -67,10 +67,10 @@ def _engine_case(name: str, gstage: int, dstage: int) -> dict:
     import torch.distributed as dist
 
     from model_zoo.registry import create_model
-    from pretrain.engine import (DeepSpeedSettings, WarmupCosine, build_engine, consolidated_state_dict,
-                                 weight_decay_groups)
     from pretrain.gan import GANTokenizerObjective, build_discriminator
+    from pretrain.optim import WarmupCosine, weight_decay_groups
     from pretrain.recipes import get_recipe
+    from pretrain.runtime import DeepSpeedSettings, build_engine, consolidated_state_dict
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = get_recipe(name)
@@ -80,7 +80,7 @@ def _engine_case(name: str, gstage: int, dstage: int) -> dict:
     torch.manual_seed(0)
     # No codebook restarts here (data_init restarts every code at the first step): DeepSpeed's engine
     # writes restarted rows into its master copy and zeroes their Adam moments after the step
-    # (pretrain/engine.py apply_row_writes), which this plain-torch reference does not model;
+    # (pretrain/runtime.py apply_row_writes), which this plain-torch reference does not model;
     # restarts under ZeRO have their own test (tests/test_restarts_zero.py).
     gen, disc = create_model(cfg.model, quantizer={"data_init": False}), build_discriminator(dcfg)
     gen_ds, disc_ds = copy.deepcopy(gen), copy.deepcopy(disc)
@@ -225,7 +225,7 @@ def _trainer_runs(images: str, out: str) -> dict:
         dist.barrier()
         rb = Trainer(_trainer_cfg(images, b, stage, 4)).fit()
         res[stage] = {"a": [ra.state, ra.step], "b": [rb.state, rb.step, rb.resumed_from]}
-    # extend a run that stopped before the discriminator started (one engine, "model")
+    # extend a run that stopped before the discriminator started (its engine idle)
     c = os.path.join(out, "z2-extended")
     r1 = Trainer(_trainer_cfg(images, c, 2, 1)).fit()
     r2 = Trainer(_trainer_cfg(images, c, 2, 4)).fit()
@@ -329,11 +329,12 @@ def test_gan_training_under_zero_1_2_3(tmp_path):
         assert float(da["lecam_ema"][2]) == 1.0        # the LeCam EMAs are in the checkpoint
     assert os.path.exists(os.path.join(out, "z2", "samples", "reconstruction_step_00000004.png"))
 
-    # a run stopped before the discriminator starts trains one engine; extended, it equals the GAN run
+    # a run stopped before the discriminator starts has both engines (the layout never depends on
+    # the step count); extended, it equals the GAN run
     assert res["trainer"]["extended"] == [1, 4, 1]
     c = os.path.join(out, "z2-extended")
     meta1 = json.load(open(os.path.join(c, "checkpoints", "step_00000001", "meta.json")))
-    assert list(meta1["engines"]) == ["model"]
+    assert sorted(meta1["engines"]) == ["discriminator", "generator"]
     lc, la = _losses(c), _losses(os.path.join(out, "z2"))
     assert all(lc[s]["loss"] == la[s]["loss"] for s in (1, 2, 3, 4)), [(lc[s]["loss"], la[s]["loss"]) for s in lc]
     _assert_same_weights(os.path.join(c, "checkpoints", "step_00000004"),
@@ -384,9 +385,9 @@ def test_recipes_set_the_papers_discriminators():
 
 def test_unsupported_combinations_are_refused_at_start():
     from model_zoo.discriminators import PatchGANConfig, PatchGANDiscriminator
-    from pretrain.engine import DeepSpeedSettings
     from pretrain.gan import check_supported
     from pretrain.recipes import get_recipe
+    from pretrain.runtime import DeepSpeedSettings
 
     d = get_recipe("vqgan-f8-tiny").discriminator
     for g in (0, 1, 2, 3):

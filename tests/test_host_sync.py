@@ -5,7 +5,7 @@ makes the host wait for the device: the launch queue drains and the GPU idles un
 catches up. vqscale reads values back only at log intervals and checkpoints. This is checked here
 without a GPU: a real training run (a prior, a text prior and a GAN tokenizer, -tiny twins, one
 process) has those methods of ``torch.Tensor`` wrapped, and every call made from vqscale's own
-code (``pretrain/``, ``model_zoo/``) inside ``Trainer._train_step`` is recorded by its call site.
+code (``pretrain/``, ``model_zoo/``) inside the training step (``Objective.train_step``) is recorded by its call site.
 The only sites allowed are ones that read host tensors by design, listed below with the reason.
 DeepSpeed's own reads (its overflow and gradient-norm checks) are outside vqscale and not counted.
 """
@@ -38,8 +38,8 @@ DELIBERATE = {
     # to 57 padding tokens, about 5% of a 1,024-token step's FLOPs)
     "model_zoo/t2i_prior.py:_compact",
     # whether a dead-code restart wrote any row, read after engine.step: an all-False write would
-    # cost three all-reduces of the full codebook (pretrain/engine.py _row_writes_after_step)
-    "pretrain/engine.py:step",
+    # cost three all-reduces of the full codebook (pretrain/runtime.py _row_writes_after_step)
+    "pretrain/runtime.py:step",
 }
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 OURS = (os.path.join(_ROOT, "pretrain") + os.sep, os.path.join(_ROOT, "model_zoo") + os.sep)
@@ -50,6 +50,7 @@ def _record_phase(recipe: str, data: str, tok: str, out: str) -> None:
 
     from pretrain.config import apply_overrides
     from pretrain.recipes import get_recipe
+    from pretrain.step import Objective
     from pretrain.trainer import Trainer
 
     sites: collections.Counter = collections.Counter()
@@ -69,16 +70,16 @@ def _record_phase(recipe: str, data: str, tok: str, out: str) -> None:
 
     for name in READS:
         wrap(name)
-    real_step = Trainer._train_step
+    real_step = Objective.train_step
 
-    def step(self, batches):
+    def step(self, *args, **kwargs):
         active[0] = True
         try:
-            return real_step(self, batches)
+            return real_step(self, *args, **kwargs)
         finally:
             active[0] = False
 
-    Trainer._train_step = step
+    Objective.train_step = step
     sets = [f"run_dir={out}/run", f"data.url={data}", "steps=4", "global_batch_size=8", "micro_batch_size=4",
             "data.num_workers=0", "validation.every=0", "validation.visuals_every=0", "log.progress=false",
             "checkpoint.every=100", "log.every=100"]

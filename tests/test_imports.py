@@ -135,6 +135,33 @@ def test_no_package_imports_one_above_it():
     assert bad == []
 
 
+# The one DeepSpeed adapter (DESIGN.md): every other module reaches DeepSpeed through it.
+DEEPSPEED_ADAPTER = "pretrain.runtime"
+
+
+def deepspeed_imports(path: str) -> list[int]:
+    """The lines of ``path`` that import ``deepspeed`` or one of its modules (at any level of the
+    file, inside functions too)."""
+    def ours(name: str | None) -> bool:
+        return bool(name) and (name == "deepspeed" or name.startswith("deepspeed."))
+
+    lines = []
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import) and any(ours(a.name) for a in node.names):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and not node.level and ours(node.module):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_only_the_runtime_adapter_imports_deepspeed():
+    mods = _modules()
+    bad = [f"{mod} (line {', '.join(map(str, lines))})" for mod, path in sorted(mods.items())
+           if mod != DEEPSPEED_ADAPTER and (lines := deepspeed_imports(path))]
+    assert bad == [], f"only {DEEPSPEED_ADAPTER} may import deepspeed; also imported by: {'; '.join(bad)}"
+    assert deepspeed_imports(mods[DEEPSPEED_ADAPTER])          # the walk sees its function-level imports
+
+
 def test_the_checker_sees_cycles_and_upward_imports_inside_functions():
     """The rules above are not vacuous: a cycle through a function-level import is found."""
     edges = {"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x"}, "b": {"a.x"}}
@@ -142,3 +169,12 @@ def test_the_checker_sees_cycles_and_upward_imports_inside_functions():
     src = "def f():\n    from pretrain.trainer import Trainer\n"
     node = ast.parse(src).body[0].body[0]
     assert isinstance(node, ast.ImportFrom) and node.module == "pretrain.trainer"   # walked by import_graph
+
+
+def test_the_deepspeed_checker_sees_every_form(tmp_path):
+    src = ("import os\nfrom . import deepspeed_like\n"
+           "def f():\n    import deepspeed\n    from deepspeed.utils import x\n    import deepspeed.comm as c\n"
+           "    from deepspeedish import y\n")
+    path = tmp_path / "m.py"
+    path.write_text(src)
+    assert deepspeed_imports(str(path)) == [4, 5, 6]

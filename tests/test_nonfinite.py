@@ -1,7 +1,7 @@
 """A non-finite gradient skips the optimizer step at every ZeRO stage, on every rank alike.
 
 One 2-process torchrun job (gloo, ``DS_ACCELERATOR=cpu``) loops over engines built by
-:func:`pretrain.engine.build_engine`: ZeRO stages 0-3 in fp32 with and without clipping, stages
+:func:`pretrain.runtime.build_engine`: ZeRO stages 0-3 in fp32 with and without clipping, stages
 0-3 in bf16 (DeepSpeed's CPU accelerator runs bf16), and the two ``passthrough`` settings under
 which ZeRO-1/2 would not check by itself (``compute_grad_norm=false``; bf16 with
 ``check_grad_overflow=false``). Each engine trains 2 good steps, a step where rank 1's loss on
@@ -30,7 +30,8 @@ if _ROOT not in sys.path:      # when run as a script by torch.distributed.run
 
 from pretrain import distributed as pd  # noqa: E402
 from tests.launch import torchrun  # noqa: E402
-from pretrain import engine as pe  # noqa: E402
+from pretrain import optim as po  # noqa: E402
+from pretrain import runtime as rt  # noqa: E402
 
 MICRO, GLOBAL = 4, 16            # 2 ranks x 2 micro-batches (gradient accumulation 2)
 STEPS, BAD = (1, 2, 3, 4, 5), 3
@@ -63,12 +64,12 @@ def _run_case(stage: int, clip: float, bf16: bool, passthrough: dict, steps, bad
     import torch.distributed as dist
 
     torch.manual_seed(0)
-    eng = pe.build_engine(_mlp(), pe.OptimConfig(lr=1e-2, warmup_steps=2, total_steps=10, grad_clip=clip),
-                          pe.DeepSpeedSettings(zero_stage=stage, bf16=bf16, param_persistence_threshold=0,
+    eng = rt.build_engine(_mlp(), po.OptimConfig(lr=1e-2, warmup_steps=2, total_steps=10, grad_clip=clip),
+                          rt.DeepSpeedSettings(zero_stage=stage, bf16=bf16, param_persistence_threshold=0,
                                                passthrough=passthrough), MICRO, GLOBAL, name=f"z{stage}")
     rank, ga = dist.get_rank(), eng.gradient_accumulation_steps()
     dtype = torch.bfloat16 if bf16 else torch.float32
-    rec = {"ga": ga, "weights": [pe.consolidated_state_dict(eng)], "lr": [eng.get_lr()[0]],
+    rec = {"ga": ga, "weights": [rt.consolidated_state_dict(eng)], "lr": [eng.get_lr()[0]],
            "skipped": [eng.skipped_steps], "applied": [None], "norm": [None], "adam": [_adam_state(eng)],
            "optimizer": type(eng.optimizer).__name__}
     for step in steps:
@@ -80,7 +81,7 @@ def _run_case(stage: int, clip: float, bf16: bool, passthrough: dict, steps, bad
             eng.backward(loss)
             eng.step()
         norm = eng.get_global_grad_norm()
-        rec["weights"].append(pe.consolidated_state_dict(eng))
+        rec["weights"].append(rt.consolidated_state_dict(eng))
         rec["lr"].append(eng.get_lr()[0])
         rec["skipped"].append(eng.skipped_steps)
         rec["applied"].append(eng.was_step_applied())
@@ -174,7 +175,7 @@ def test_stage0_guard_skips_clips_and_reports_the_norm():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     engine = SimpleNamespace(optimizer=opt, basic_optimizer=opt, gradient_clipping=lambda: CLIP,
                              clip_fp32_gradients=lambda: pytest.fail("the engine's own clipping must be off"))
-    pe._skip_nonfinite_steps(engine)
+    rt._skip_nonfinite_steps(engine)
     assert hasattr(opt.step, "_wrapped_by_lr_sched")        # LambdaLR's marker survives the wrap
     start = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -207,7 +208,7 @@ def test_unknown_optimizer_wrapper_is_refused():
         pass
 
     with pytest.raises(TypeError, match="non-finite"):
-        pe._skip_nonfinite_steps(SimpleNamespace(optimizer=Wrapper(), basic_optimizer=None))
+        rt._skip_nonfinite_steps(SimpleNamespace(optimizer=Wrapper(), basic_optimizer=None))
 
 
 if __name__ == "__main__":

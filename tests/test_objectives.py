@@ -112,7 +112,7 @@ def test_total_is_the_documented_weighted_sum_regvq(lpips, vgg19):
     torch.manual_seed(123)
     total, nll, terms = obj.losses(out, x, model.grid_size)
     q = out.quant
-    beta = model.cfg.quantizer.beta
+    beta = model.config.quantizer.beta
     assert float(q.loss) == pytest.approx(float(q.losses["codebook"] + beta * q.losses["commitment"]), rel=1e-6)
     torch.manual_seed(123)   # the contrastive loss samples its patches from the global RNG
     hand = {
@@ -317,23 +317,27 @@ def test_prior_objective_loss_gradients_metrics(name):
         ref, terms = prior.loss(batch["codes"], cond, batch["positions"])
         assert float(loss.detach()) == float(ref.detach()), mode
         for k, v in terms.items():
-            key = {"ce": "loss/code_ce", "accuracy": "accuracy/code"}.get(k, f"loss/{k}")
+            key = {"code_accuracy": "accuracy/code", "position_accuracy": "accuracy/position"}.get(k, f"loss/{k}")
             assert float(m[key]) == pytest.approx(float(v), rel=1e-6), (mode, k)
 
 
 def test_condition_dropout_placement_is_pinned():
-    """The objective draws VIM's label dropout itself (VIM drops only in ``loss``) and relies on
-    Stackformer's ``forward`` for its own; this pins both facts about the models."""
+    """Every prior drops its condition in ``forward`` (training mode), so the objective, which
+    calls ``forward`` through the engine, and the prior's own ``loss`` drop it alike; this pins
+    the fact for VIM and Stackformer."""
     codes = torch.randint(0, 64, (4, 16))
     no_dropout = {"dropout": 0.0, "width": 64, "depth": 2, "heads": 2, "mlp_dim": 256}
     vim = create_model("vim-small-tiny", class_dropout=0.999, transformer=no_dropout).train()
     labels = torch.tensor([1, 2, 3, 4])
-    assert torch.equal(vim(codes, labels), vim.eval()(codes, labels))            # forward keeps labels
+    torch.manual_seed(0)
+    dropped = vim(codes, labels)
+    assert torch.equal(dropped, vim.eval()(codes, torch.full((4,), -1)))         # forward drops
+    assert not torch.equal(vim(codes, labels), dropped)                            # eval: labels kept
     torch.manual_seed(0)
     _, m = PriorObjective()({"model": vim.train()}, {"codes": codes, "label": labels}, 0)
     with torch.no_grad():
         null = torch.nn.functional.cross_entropy(vim(codes, torch.full((4,), -1)).flatten(0, 1), codes.flatten())
-    assert float(m["loss/code_ce"]) == pytest.approx(float(null), rel=1e-6)    # ...the objective drops them
+    assert float(m["loss/code_ce"]) == pytest.approx(float(null), rel=1e-6)    # ...in the objective too
     sf = create_model("stackformer-base-tiny", class_dropout=0.999, code_transformer=no_dropout,
                       position_transformer=no_dropout).train()
     pos = torch.stack([torch.randperm(64)[:16].sort().values for _ in range(4)])

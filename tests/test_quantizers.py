@@ -32,14 +32,14 @@ def plain(k=3, dim=2, **kw) -> VectorQuantizer:
 def set_codebook(q: VectorQuantizer, e: torch.Tensor) -> None:
     with torch.no_grad():
         q.embed.copy_(e)
-        if q.cfg.ema:
+        if q.config.ema:
             q.embed_avg.copy_(e * q.cluster_size[:, None])
 
 
 def nearest(q: VectorQuantizer, z: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         ze = q.proj_in(z.reshape(-1, q.in_dim)).float()
-        if q.cfg.l2_normalize:
+        if q.config.l2_normalize:
             ze = F.normalize(ze, dim=-1)
         return torch.cdist(ze, q.codebook()).argmin(-1).reshape(z.shape[:-1])
 

@@ -16,7 +16,7 @@ import model_zoo.vqgan  # noqa: F401
 from model_zoo.registry import create_model
 from model_zoo.sampling import SamplingConfig, keep_best, num_candidates
 from pretrain.config import apply_overrides
-from pretrain.engine import OptimConfig, WarmupCosine, WarmupExponential, lr_schedule
+from pretrain.optim import OptimConfig, WarmupCosine, WarmupExponential, lr_schedule
 from pretrain.recipes import get_recipe, list_recipes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,7 +162,7 @@ def test_stackformer_recipe_visuals_reach_generate(monkeypatch):
     cfg = get_recipe("stackformer-base-tiny")
     torch.manual_seed(0)
     prior = create_model(cfg.model, **cfg.model_args)
-    assert prior.cfg.class_dropout == 0.0
+    assert prior.config.class_dropout == 0.0
     got = {}
     real = type(prior).generate
 

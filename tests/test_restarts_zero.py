@@ -4,7 +4,7 @@ A restart writes new rows into the quantizer's codebook ``embed``, an ``nn.Param
 optimizer keeps its own fp32 master copy of it (and Adam moments): before the fix, the in-place
 write was overwritten by that copy at the next optimizer step, so no code was ever restarted under
 ZeRO although ``dead_codes`` fell (its counter is reset on restart). Now the quantizer queues its
-restarts (``pop_row_writes``) and ``pretrain.engine.apply_row_writes`` writes them into the
+restarts (``pop_row_writes``) and ``pretrain.runtime.apply_row_writes`` writes them into the
 master copy, the working copy and the EMA, and zeroes their Adam moments.
 
 One 2-process torchrun job (gloo, ``DS_ACCELERATOR=cpu``) per run, at ZeRO-1, 2 and 3 with
@@ -54,30 +54,32 @@ def _run(stage: int) -> dict:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    from pretrain import engine as pe
+    from pretrain import ema as pema
+    from pretrain import optim as po
+    from pretrain import runtime as rt
 
     torch.manual_seed(0)
     model = _Model()
-    eng = pe.build_engine(model, pe.OptimConfig(lr=LR, warmup_steps=0, total_steps=100, grad_clip=0.0,
+    eng = rt.build_engine(model, po.OptimConfig(lr=LR, warmup_steps=0, total_steps=100, grad_clip=0.0,
                                                 weight_decay=0.0),
-                          pe.DeepSpeedSettings(zero_stage=stage, param_persistence_threshold=0), MICRO, GLOBAL,
+                          rt.DeepSpeedSettings(zero_stage=stage, param_persistence_threshold=0), MICRO, GLOBAL,
                           name=f"restart-z{stage}")
-    ema = pe.EMA(eng, decay=0.9)
+    ema = pema.EMA(eng, decay=0.9)
     q, rank = eng.module.quantizer, dist.get_rank()
     rec: dict = {"ga": eng.gradient_accumulation_steps(), "writes": []}
-    real_apply = pe.apply_row_writes
+    real_apply = rt.apply_row_writes
 
     def counted(engine, writes):       # which micro-batches reach the collective write
         rec["writes"].append((step, m, len(writes)))
         return real_apply(engine, writes)
 
-    pe.apply_row_writes = counted
+    rt.apply_row_writes = counted
     last = eng.gradient_accumulation_steps() - 1
     for step in range(4):
         for m in range(last + 1):
             if step == 2 and m == last:            # restarted in the micro-batch that steps the optimizer
                 q.cluster_size[DEAD] = 0.0         # dead now, on both ranks (a buffer: not synced by DeepSpeed)
-                rec["before"] = pe.consolidated_state_dict(eng)["quantizer.embed"]
+                rec["before"] = rt.consolidated_state_dict(eng)["quantizer.embed"]
             g = torch.Generator().manual_seed(100 * step + 10 * rank + m)
             loss, out = eng(torch.randn(MICRO * 8, 6, generator=g))
             if step == 2 and m == last:
@@ -87,12 +89,12 @@ def _run(stage: int) -> dict:
             eng.step()
         ema.update()
         if step == 2:
-            rec["after"] = pe.consolidated_state_dict(eng)["quantizer.embed"]
-            rec["moments"] = {k: pe._full_optimizer_state(eng, q.embed, k, safe_get_full_optimizer_state).clone()
-                              for k in pe._MOMENTS}
+            rec["after"] = rt.consolidated_state_dict(eng)["quantizer.embed"]
+            rec["moments"] = {k: rt._full_optimizer_state(eng, q.embed, k, safe_get_full_optimizer_state).clone()
+                              for k in rt._MOMENTS}
             rec["ema"] = ema.full_state_dict()["quantizer.embed"]
-    rec["next"] = pe.consolidated_state_dict(eng)["quantizer.embed"]
-    pe.apply_row_writes = real_apply
+    rec["next"] = rt.consolidated_state_dict(eng)["quantizer.embed"]
+    rt.apply_row_writes = real_apply
     return rec
 
 

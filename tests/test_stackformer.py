@@ -63,7 +63,7 @@ def test_full_preset_on_meta():
     with torch.device("meta"):
         model = create_model("stackformer-base")
     assert isinstance(model, Prior)
-    cfg = model.cfg
+    cfg = model.config
     assert (cfg.codebook_size, cfg.grid_size, cfg.num_tokens, cfg.num_classes) == (1024, (32, 32), 256, 1000)
     for t in (cfg.code_transformer, cfg.position_transformer):
         assert (t.width, t.depth, t.heads, t.mlp_dim) == (1024, 12, 16, 4096)

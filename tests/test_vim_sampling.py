@@ -204,10 +204,10 @@ def test_sdpa_used(monkeypatch):
     m = _vim()
     m.train()
     m.loss(torch.randint(0, 64, (2, 16)), torch.tensor([1, -1]))[0].backward()
-    assert len(calls) == m.cfg.transformer.depth and all(c.get("is_causal") for c in calls)
+    assert len(calls) == m.config.transformer.depth and all(c.get("is_causal") for c in calls)
     calls.clear()
     m.generate(torch.tensor([1]), 1, SamplingConfig(), torch.tensor([0]))
-    assert len(calls) == m.cfg.transformer.depth * m.num_tokens
+    assert len(calls) == m.config.transformer.depth * m.num_tokens
 
 
 # ---- VIM: KV cache, reproducibility, CFG ------------------------------------------------------
@@ -271,7 +271,7 @@ def test_overfit_then_sampling_reproduces_sequences():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.02 and terms["accuracy"].item() == 1.0
+    assert loss.item() < 0.02 and terms["code_accuracy"].item() == 1.0
     m.eval()
     seeds = sample_seeds(0, torch.arange(4))
     for cfg in (SamplingConfig(temperature=0.0), SamplingConfig(temperature=0.3),
@@ -318,7 +318,7 @@ def test_features_stop_at_layer_and_match_manual():
         for blk in m.transformer.blocks[:2]:
             x = blk(x)
         torch.testing.assert_close(f, x[:, 1:].mean(1))
-        assert f.shape == (2, m.cfg.transformer.width)
+        assert f.shape == (2, m.config.transformer.width)
         torch.testing.assert_close(m.features(codes, labels, layer=-1), m.features(codes, labels, layer=2))
     with pytest.raises(IndexError):
         m.features(codes, labels, layer=3)
@@ -339,7 +339,7 @@ def test_presets_registered_and_full_size_counts_on_meta():
         assert sum(p.numel() for p in m.parameters()) == want, n
         assert sum(p.numel() for p in tied.parameters()) == FULL_TIED[n], n
         assert tied.head.weight is tied.tok_embed.weight
-    cfg = create_model("vim-base-tiny", transformer={"depth": 1}, grid_size=[2, 3]).cfg
+    cfg = create_model("vim-base-tiny", transformer={"depth": 1}, grid_size=[2, 3]).config
     assert cfg.transformer.depth == 1 and cfg.transformer.width == 96 and cfg.grid_size == (2, 3)
 
 
@@ -348,7 +348,7 @@ def test_tiny_presets_train_step_and_generate(name):
     m = _vim(name).train()
     loss, terms = m.loss(torch.randint(0, 64, (2, 16)), torch.tensor([0, -1]))
     loss.backward()
-    assert torch.isfinite(loss) and set(terms) >= {"ce"}
+    assert torch.isfinite(loss) and set(terms) >= {"code_ce", "code_accuracy"}
     assert all(p.grad is not None for p in m.parameters())
     out = m.eval().generate(5, 3, SamplingConfig(top_k=10), sample_seeds(0, torch.arange(3)))
     assert out.shape == (3, 16) and out.dtype == torch.long and 0 <= out.min() and out.max() < 64

@@ -29,7 +29,7 @@ FULL = {
 
 def _images(model, batch: int = 2, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    r = model.cfg.resolution
+    r = model.config.resolution
     return torch.rand(batch, 3, r, r, generator=g) * 2 - 1
 
 
@@ -211,31 +211,31 @@ def test_full_size_presets_on_meta(name):
     assert model.grid_size == grid and model.num_tokens == tokens
     assert model.codebook_size == codebook
     assert sum(p.numel() for p in model.parameters()) == params
-    assert model.cfg.resolution == 256 and model.cfg.ch == 128 and model.cfg.num_res_blocks == 2
-    q = model.cfg.quantizer
+    assert model.config.resolution == 256 and model.config.ch == 128 and model.config.num_res_blocks == 2
+    q = model.config.quantizer
     assert not q.factorized and not q.l2_normalize and q.dim == 256
     if isinstance(model, VQGAN):
         f = 16 if name.endswith("f16") else 8
-        assert model.cfg.downsample == f and model.cfg.z_channels == 256
+        assert model.config.downsample == f and model.config.z_channels == 256
     else:
-        assert q.ema and model.cfg.keep_ratio == 0.25 and model.cfg.mask_value == 0.02
+        assert q.ema and model.config.keep_ratio == 0.25 and model.config.mask_value == 0.02
 
 
 @pytest.mark.parametrize("name", ["regvq-f16", "regvq-f16-tiny"])
 def test_regvq_quantizer_options(name):
     with torch.device("meta"):
         model = create_model(name)
-    q = model.cfg.quantizer
+    q = model.config.quantizer
     assert q.prior_kl is True and q.stochastic_mask_ratio == 0.4
-    qcfg = getattr(model.quantizer, "cfg", q)
+    qcfg = model.quantizer.config
     assert qcfg.prior_kl is True and qcfg.stochastic_mask_ratio == 0.4
     for plain in ("vqgan-f16", "vqgan-f8"):
         with torch.device("meta"):
             other = create_model(plain)
-        assert not other.cfg.quantizer.prior_kl and other.cfg.quantizer.stochastic_mask_ratio == 0.0
+        assert not other.config.quantizer.prior_kl and other.config.quantizer.stochastic_mask_ratio == 0.0
 
 
 def test_overrides_reach_the_quantizer():
     model = _build("vqgan-f16-tiny", quantizer={"codebook_size": 32})
     assert model.codebook_size == 32
-    assert model.cfg.quantizer.dim == 32      # other quantizer fields keep the preset's values
+    assert model.config.quantizer.dim == 32      # other quantizer fields keep the preset's values

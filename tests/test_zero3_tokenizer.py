@@ -1,8 +1,8 @@
 """Tokenizers train under ZeRO-3 exactly as under ZeRO-2.
 
 Tokenizers return dataclasses (``TokenizerOutput`` holding a ``QuantizerOutput``), which
-DeepSpeed's output walks do not enter; :func:`pretrain.engine._hooks_see_dataclasses` (applied by
-``build_engine``; see the module docstring of ``pretrain/engine.py``) extends them. Without it a
+DeepSpeed's output walks do not enter; :func:`pretrain.runtime._hooks_see_dataclasses` (applied by
+``build_engine``; see the module docstring of ``pretrain/runtime.py``) extends them. Without it a
 ZeRO-3 tokenizer engine fails in its first backward (the quantizer's codebook is still
 partitioned when its gradient is accumulated), and at every stage the engine's backward prologue
 never runs for a dataclass output.
@@ -39,7 +39,8 @@ if _ROOT not in sys.path:      # when run as a script by torch.distributed.run
 
 from pretrain import distributed as pd  # noqa: E402
 from tests.launch import torchrun  # noqa: E402
-from pretrain import engine as pe  # noqa: E402
+from pretrain import optim as po  # noqa: E402
+from pretrain import runtime as rt  # noqa: E402
 
 MODELS = ("vit-vqgan-ss-tiny", "vqgan-f8-tiny", "mq-vae-f8-tiny")
 MICRO, GLOBAL, STEPS = 2, 8, 3          # 2 ranks x 2 micro-batches (gradient accumulation 2)
@@ -55,13 +56,13 @@ def _run(name: str, stage: int) -> dict:
     torch.manual_seed(0)
     model = create_model(name)
     size = model.image_size
-    eng = pe.build_engine(model, pe.OptimConfig(lr=1e-3, warmup_steps=0, total_steps=10, grad_clip=0.0),
-                          pe.DeepSpeedSettings(zero_stage=stage, param_persistence_threshold=0),
+    eng = rt.build_engine(model, po.OptimConfig(lr=1e-3, warmup_steps=0, total_steps=10, grad_clip=0.0),
+                          rt.DeepSpeedSettings(zero_stage=stage, param_persistence_threshold=0),
                           MICRO, GLOBAL, name=f"{name}-z{stage}")
     cfg = dataclasses.replace(TokenizerLossConfig.for_tokenizer(name), perceptual=0.0, contrastive=0.0)
     objective = TokenizerObjective(cfg)
     rank, ga = dist.get_rank(), eng.gradient_accumulation_steps()
-    rec = {"ga": ga, "start": pe.consolidated_state_dict(eng), "losses": [], "prologue": [],
+    rec = {"ga": ga, "start": rt.consolidated_state_dict(eng), "losses": [], "prologue": [],
            "optimizer": type(eng.optimizer).__name__, "params": [n for n, _ in eng.module.named_parameters()]}
     for step in range(STEPS):
         for m in range(ga):
@@ -73,7 +74,7 @@ def _run(name: str, stage: int) -> dict:
             rec["prologue"].append(bool(eng.optimizer._backward_hook_state.backward_seen_this_step))
             eng.step()
             rec["losses"].append(float(loss))
-    rec["weights"] = pe.consolidated_state_dict(eng)
+    rec["weights"] = rt.consolidated_state_dict(eng)
     return rec
 
 
@@ -152,8 +153,8 @@ def _sample() -> _Outer:
 
 
 def test_apply_to_tensors_only_enters_dataclasses():
-    pe._hooks_see_dataclasses()
-    pe._hooks_see_dataclasses()                                     # idempotent
+    rt._hooks_see_dataclasses()
+    rt._hooks_see_dataclasses()                                     # idempotent
     from deepspeed.runtime.zero import parameter_offload
     from deepspeed.runtime.zero import utils as zero_utils
 
@@ -181,7 +182,7 @@ def test_apply_to_tensors_only_enters_dataclasses():
 
 
 def test_engine_output_hooks_reach_dataclass_tensors():
-    pe._hooks_see_dataclasses()
+    rt._hooks_see_dataclasses()
     from deepspeed.runtime.utils import register_output_backward_hooks
 
     calls = []

@@ -213,7 +213,7 @@ def test_text_prior_names_the_encoder_it_expects(tmp_path):
     prior = create_model("t2i-prior-1b-tiny")
     pkg = save_package(prior, str(tmp_path / "t2i"), tokenizer=create_model("vqgan-f8-tiny"))
     enc = read_config(pkg)["text_encoder"]
-    assert enc["name"] == prior.cfg.text_encoder and "not in the package" in enc["weights"]
+    assert enc["name"] == prior.config.text_encoder and "not in the package" in enc["weights"]
     assert f"text encoder: {enc['name']}" in open(os.path.join(pkg, "README.md")).read()
 
 
@@ -246,7 +246,7 @@ def test_a_trained_text_prior_exports_and_loads_with_its_encoder_named(tmp_path)
     with torch.device("meta"):
         preset = create_model("t2i-prior-1b-tiny")
     enc = meta["text_encoder"]
-    assert (enc["name"], enc["overrides"]) == (preset.cfg.text_encoder, dict(preset.cfg.text_encoder_overrides))
+    assert (enc["name"], enc["overrides"]) == (preset.config.text_encoder, dict(preset.config.text_encoder_overrides))
     assert meta["tokenizer_model"]["name"] == "vqgan-f8-tiny" and meta["card"]["training"]["steps"] == 2
     assert f"text encoder: {enc['name']}" in open(os.path.join(pkg, "README.md")).read()
     zoo.publish(pkg, str(tmp_path / "zoo"), name="t2i")

@@ -1,18 +1,26 @@
-"""DeepSpeed engines from typed configs, and the EMA of their weights.
+"""The one DeepSpeed adapter: the only module of the packages that imports ``deepspeed`` (inside
+its functions, so importing this module does not load it).
 
-Owns: :class:`OptimConfig` and :class:`DeepSpeedSettings` (frozen config sections), the DeepSpeed
-config JSON they resolve to (:func:`build_ds_config`; ``passthrough`` is deep-merged last so any
-DeepSpeed setting can be given), gradient accumulation derived from the global batch and the world
-size, parameter groups (which tensors get weight decay), the LR schedules (warmup + cosine, or warmup +
-exponential decay: :func:`lr_schedule`),
-activation checkpointing applied from outside the model, DeepSpeed's hooks seeing inside dataclass
-outputs, :func:`build_engine`, :func:`consolidated_state_dict` and :class:`EMA`.
+Owns: the version check (:data:`TESTED_DEEPSPEED`), :class:`DeepSpeedSettings` and the config
+JSON it resolves to with an ``OptimConfig`` (:func:`build_ds_config`; ``passthrough`` is
+deep-merged last, so any DeepSpeed setting can be given), :func:`build_engine` and the patches it
+applies, whole ZeRO-3 parameters (:func:`gathered` and the ``ds_*`` attributes behind
+:func:`is_partitioned`, :func:`full_numel`, :func:`full_shape`, :func:`local_partition`), and
+what checkpoints need of DeepSpeed (universal format, zero_to_fp32, the classes it pickles: the
+allowlist of :mod:`pretrain.safe_load`). The rest of a run is plain torch: :mod:`pretrain.optim`,
+:mod:`pretrain.ema`, :mod:`pretrain.activation_checkpointing`, :mod:`pretrain.checkpoint`.
 
-Weight decay (decided here, the same for every model): only tensors named ``weight`` with two or
-more dimensions (Linear/Conv kernels, equalized-lr layers), never biases, norm scales, embedding
-tables (``nn.Embedding``), position embeddings, codebooks, class/mask tokens (parameters not
-named ``weight``), nor names a model lists in ``no_weight_decay()`` (timm's convention).
-Parameters with ``requires_grad=False`` (frozen text encoders) are given to no optimizer.
+DeepSpeed internals patched or reached into here, each explained where it is done: the CPU
+shared-memory op build (:func:`_skip_cpu_shm_build`); the output walks of ZeRO-3's module hooks
+and the engine's backward prologue (:func:`_hooks_see_dataclasses`, below); the optimizer's step
+(:func:`_skip_nonfinite_steps`, below); ``engine.step`` and the ZeRO optimizers' link from a
+parameter to its optimizer state (:func:`_row_writes_after_step`, :func:`_full_optimizer_state`);
+the backward hooks' private counters (:func:`backward_hooks_paused`); the engine config's
+``load_universal_checkpoint`` flag and two faults of the ZeRO-3 universal load
+(:func:`load_universal_checkpoint`, :func:`repair_zero3_universal`). These change between minor
+releases without notice, so a DeepSpeed outside :data:`TESTED_DEEPSPEED` is refused before a run
+starts (:func:`check_deepspeed_version`: one line, exit 2; ``VQSCALE_UNTESTED_DEEPSPEED=1`` runs
+anyway).
 
 Non-finite steps (:func:`_skip_nonfinite_steps`, applied to every engine by :func:`build_engine`):
 when any gradient of a global step is NaN/inf on any rank (e.g. one rank's loss was NaN), the
@@ -81,34 +89,41 @@ process (later calls see the marker and return); if DeepSpeed renames either hel
 bitwise like ZeRO-2 in fp32 without gradient clipping (``tests/test_zero3_tokenizer.py``, which
 also says why clipping leaves weights of order ``lr`` apart that have zero true gradient).
 
-Model code is single-device code; this module never imports model_zoo.
+Models stay plain torch: the only model_zoo name used here is ``pop_row_writes`` (the row writes a
+model queued).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import dataclasses
+import io
+import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 import torch.nn as nn
 
-from . import safe_load
+from .activation_checkpointing import apply_activation_checkpointing
 from .config import ConfigError, json_value
-from .distributed import rank_world
+from .optim import OptimConfig, gradient_accumulation_steps, lr_schedule, weight_decay_groups
 
-__all__ = ["check_deepspeed_version", "DeepSpeedVersionError", "TESTED_DEEPSPEED", "OptimConfig", "DeepSpeedSettings", "gradient_accumulation_steps", "resolve_bf16",
-           "build_ds_config", "weight_decay_groups", "WarmupCosine", "WarmupExponential", "lr_schedule",
-           "apply_activation_checkpointing",
-           "build_engine", "consolidated_state_dict", "EMA"]
+log = logging.getLogger("vqscale.runtime")
+
+__all__ = ["check_deepspeed_version", "DeepSpeedVersionError", "TESTED_DEEPSPEED", "DeepSpeedSettings",
+           "resolve_bf16", "build_ds_config", "build_engine", "apply_row_writes", "gathered",
+           "consolidated_state_dict", "is_partitioned", "full_numel", "full_shape", "local_partition",
+           "backward_hooks_paused", "universal_checkpoint_info", "to_universal", "load_universal_checkpoint",
+           "repair_zero3_universal", "zero_fp32_state_dict", "deepspeed_globals"]
 
 
 # The DeepSpeed releases this module was validated on: it patches DeepSpeed's private internals
-# (the ZeRO-3 hooks, the shm op build, the optimizer's step; see build_engine), which change
+# (the ZeRO-3 hooks, the shm op build, the optimizer's step; see the module docstring), which change
 # between minor releases without notice. Checked by hand and by the suite on 0.19.8.
 TESTED_DEEPSPEED = ((0, 19), (0, 19))     # (lowest, highest) major.minor
 
@@ -121,7 +136,6 @@ def check_deepspeed_version(version: str | None = None) -> str:
     """Refuse a DeepSpeed outside :data:`TESTED_DEEPSPEED` before anything starts;
     ``VQSCALE_UNTESTED_DEEPSPEED=1`` turns the refusal into a warning. Returns the version."""
     import importlib.metadata
-    import logging
     import re
 
     version = version or importlib.metadata.version("deepspeed")
@@ -130,38 +144,12 @@ def check_deepspeed_version(version: str | None = None) -> str:
     if m and lo <= (int(m.group(1)), int(m.group(2))) <= hi:
         return version
     msg = (f"DeepSpeed {version} is not a release vqscale was tested on ({lo[0]}.{lo[1]}.x to {hi[0]}.{hi[1]}.x: "
-           f"pretrain/engine.py patches its internals): install one with `pip install 'deepspeed=="
+           f"pretrain/runtime.py patches its internals): install one with `pip install 'deepspeed=="
            f"{hi[0]}.{hi[1]}.*'` (make install pins it), or set VQSCALE_UNTESTED_DEEPSPEED=1 to run anyway")
     if os.environ.get("VQSCALE_UNTESTED_DEEPSPEED", "") == "1":
-        logging.getLogger("vqscale.engine").warning("%s", msg)
+        log.warning("%s", msg)
         return version
     raise DeepSpeedVersionError(msg)
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with a linear warmup to ``lr`` over ``warmup_steps``, then (``schedule``):
-
-    * ``"cosine"`` (the default): a cosine decay to ``lr * min_lr_ratio`` at ``total_steps``;
-    * ``"exponential"``: constant until ``decay_start``, then an exponential decay reaching
-      ``lr * min_lr_ratio`` at ``total_steps``, ``lr * min_lr_ratio ** ((t - decay_start) /
-      (total_steps - decay_start))`` (VIM's schedule: 4.5e-4 from 5k steps, decayed from 80k to 1e-5).
-
-    Both stay at their final value after ``total_steps``; ``total_steps = 0`` is constant after
-    the warmup. :func:`lr_schedule` builds the multiplier."""
-
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)   # recipes set the papers' values (ViT-VQGAN: 0.9, 0.99)
-    weight_decay: float = 1e-4
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    total_steps: int = 1000                    # 0: constant after warmup
-    min_lr_ratio: float = 0.1                  # the final lr, as a fraction of lr (both schedules)
-    schedule: Literal["cosine", "exponential"] = "cosine"
-    decay_start: int = 0                       # exponential: the step its decay starts (>= warmup_steps)
-    grad_clip: float = 1.0                     # 0 disables clipping
-    # auto: DeepSpeed's own AdamW (DeepSpeedCPUAdam) when the optimizer is offloaded, else torch's
-    optimizer: Literal["auto", "torch", "deepspeed"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -191,16 +179,6 @@ def _on_cuda() -> bool:
 
 def resolve_bf16(setting: Union[str, bool]) -> bool:
     return _on_cuda() if setting == "auto" else bool(setting)
-
-
-def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
-    """``global = micro * world * accumulation``; the global batch stays fixed when the world changes."""
-    per_step = micro_batch_size * world_size
-    if micro_batch_size < 1 or global_batch_size < 1 or global_batch_size % per_step:
-        raise ValueError(
-            f"global batch size {global_batch_size} is not a multiple of micro batch {micro_batch_size} x "
-            f"world size {world_size} = {per_step}; choose a micro batch or world size that divides it")
-    return global_batch_size // per_step
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -253,137 +231,6 @@ def build_ds_config(optim: OptimConfig, ds: DeepSpeedSettings, micro_batch_size:
 
 def _use_ds_optimizer(optim: OptimConfig, ds: DeepSpeedSettings) -> bool:
     return optim.optimizer == "deepspeed" or (optim.optimizer == "auto" and ds.offload_optimizer)
-
-
-def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups (decay / no decay) of the trainable parameters; see the module docstring."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decide: dict[int, tuple[nn.Parameter, bool]] = {}     # by identity: a tied weight is one tensor
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        for p_name, p in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if not p.requires_grad:
-                continue
-            ok = p_name == "weight" and p.ndim >= 2 and not isinstance(module, nn.Embedding) and full not in skip
-            # tied to an embedding table (a shared output head): no decay, whichever owner comes first
-            decide[id(p)] = (p, ok and decide.get(id(p), (p, True))[1])
-    decay = [p for p, d in decide.values() if d]
-    no_decay = [p for p, d in decide.values() if not d]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-class WarmupCosine:
-    """LR multiplier: linear warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at
-    ``total``. A callable object (not a lambda) so LambdaLR's state_dict can save it."""
-
-    def __init__(self, warmup: int, total: int, min_ratio: float):
-        self.warmup, self.total, self.min_ratio = int(warmup), int(total), float(min_ratio)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        if self.total <= self.warmup:
-            return 1.0
-        t = min(1.0, (step - self.warmup) / (self.total - self.warmup))
-        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-class WarmupExponential:
-    """LR multiplier: linear warmup to 1 over ``warmup`` steps, 1 until ``decay_start``, then
-    ``min_ratio ** ((step - start) / (total - start))`` (``start = max(decay_start, warmup)``),
-    which reaches ``min_ratio`` at ``total`` and stays there. A callable object (LambdaLR's
-    state_dict can save it)."""
-
-    def __init__(self, warmup: int, decay_start: int, total: int, min_ratio: float):
-        self.warmup, self.decay_start, self.total = int(warmup), int(decay_start), int(total)
-        self.min_ratio = float(min_ratio)
-        if not 0.0 < self.min_ratio <= 1.0:
-            raise ValueError(f"the exponential schedule needs 0 < min_lr_ratio <= 1, got {self.min_ratio}")
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        start = max(self.decay_start, self.warmup)
-        if self.total <= start or step < start:
-            return 1.0
-        t = min(1.0, (step - start) / (self.total - start))
-        return self.min_ratio ** t
-
-
-def lr_schedule(optim_cfg: OptimConfig):
-    """The LR multiplier (a LambdaLR ``lr_lambda``) of ``optim_cfg.schedule``."""
-    if optim_cfg.schedule == "cosine":
-        return WarmupCosine(optim_cfg.warmup_steps, optim_cfg.total_steps, optim_cfg.min_lr_ratio)
-    if optim_cfg.schedule == "exponential":
-        return WarmupExponential(optim_cfg.warmup_steps, optim_cfg.decay_start, optim_cfg.total_steps,
-                                 optim_cfg.min_lr_ratio)
-    raise ValueError(f"optim.schedule must be 'cosine' or 'exponential', got {optim_cfg.schedule!r}")
-
-
-def _is_block(module: nn.Module) -> bool:
-    return type(module).__name__.endswith("Block")
-
-
-def _selective_policy():
-    """Save what is expensive to recompute (matmuls, attention), recompute the rest (norms,
-    activations, dropout, residual adds): no matmul runs twice, and the elementwise
-    activations, about half of a block's saved bytes, are not kept (benchmarks/bench_memory.py)."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    aten = torch.ops.aten
-    names = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-             "_scaled_dot_product_flash_attention_for_cpu")
-    save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
-
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
-
-    return policy
-
-
-def apply_activation_checkpointing(model: nn.Module, mode: bool | str = "full") -> int:
-    """Recompute every ``*Block`` held in an ``nn.ModuleList`` (transformer, ViT, de-mask and
-    VQGAN resnet/attention blocks) in the backward pass; returns how many were wrapped.
-    ``mode``: "full" (or True) recomputes the whole block; "selective" keeps matmul and attention
-    outputs and recomputes only the ops between them.
-
-    The instance's ``forward`` is replaced, not the module, so parameter names and checkpoints do
-    not change. torch's non-reentrant checkpoint is used (it supports keyword arguments).
-    """
-    import functools
-    import inspect
-
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-
-    if mode not in (True, "full", "selective"):
-        raise ValueError(f"activation checkpointing mode must be full or selective, got {mode!r}")
-    extra = {}
-    if mode == "selective":
-        extra = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _selective_policy())}
-        if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters:
-            # what SAC keeps goes through saved_tensors_hooks like any saved tensor (offloading
-            # hooks and the memory benchmark see it); torch's future default
-            extra["respect_saved_tensors_hooks"] = True
-    count = 0
-    for module in model.modules():
-        if not isinstance(module, nn.ModuleList):
-            continue
-        for block in module:
-            if not _is_block(block) or getattr(block, "_vqscale_checkpointed", False):
-                continue
-            inner = block.forward
-
-            def forward(*args, _inner=inner, _block=block, **kwargs):
-                if _block.training and torch.is_grad_enabled():
-                    return checkpoint(_inner, *args, use_reentrant=False, **extra, **kwargs)
-                return _inner(*args, **kwargs)
-
-            block.forward = forward
-            block._vqscale_checkpointed = True
-            count += 1
-    return count
 
 
 def _skip_cpu_shm_build() -> None:
@@ -629,7 +476,7 @@ def _skip_nonfinite_steps(engine) -> None:
         _guard_bare_optimizer(engine)              # stage 0, fp32
     else:
         raise TypeError(f"engine {getattr(engine, 'vqscale_name', '')!r}: optimizer wrapper {type(opt).__name__} "
-                        "is not known to skip non-finite steps (see pretrain/engine.py)")
+                        "is not known to skip non-finite steps (see pretrain/runtime.py)")
 
 
 def _guard_bare_optimizer(engine) -> None:
@@ -703,152 +550,174 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-# ---- EMA -----------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of an engine's trainable weights, sharded like ZeRO-3.
+def is_partitioned(p) -> bool:
+    """Whether ZeRO-3 partitions ``p`` (DeepSpeed marks such parameters with ``ds_id``): then
+    ``p.data`` is an empty placeholder outside its module's forward, and the whole tensor is read
+    or written through :func:`gathered`."""
+    return hasattr(p, "ds_id")
 
-    Every rank keeps, for each parameter, only its contiguous slice of the flattened tensor:
-    elements ``[rank * c, rank * c + c)`` with ``c = ceil(numel / world)``, which is exactly the
-    partition ZeRO-3 keeps in ``param.ds_tensor``. Under ZeRO-3 the update reads that local
-    partition (no communication at all); under ZeRO-0/1/2 it slices the full local parameter. So
-    the EMA costs ``1/world`` of the fp32 weights per rank at every stage, and is consistent by
-    construction: the slices of all ranks tile the tensor. Saved per rank with their offsets, it
-    loads at any world size (each rank picks the pieces overlapping its new slice).
+
+def full_numel(p) -> int:
+    """The number of elements of the whole parameter (ZeRO-3's ``ds_numel``; ``p.numel()`` would be
+    that of the empty placeholder)."""
+    return int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel()
+
+
+def full_shape(p) -> list[int]:
+    """The shape of the whole parameter (ZeRO-3's ``ds_shape``)."""
+    return list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)
+
+
+def local_partition(p) -> torch.Tensor | None:
+    """This rank's ZeRO-3 partition of ``p`` (``ds_tensor``: elements ``[rank * c, rank * c + c)`` of
+    the flattened tensor, ``c = ceil(numel / world)``, zero-padded at the end), or None when ``p``
+    is not partitioned."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else None
+
+
+# ---- an autograd.grad that is not the engine's backward ------------------------------------------
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+@contextlib.contextmanager
+def backward_hooks_paused(outputs: Any, module: nn.Module):
+    """While an ``autograd.grad`` that is not the engine's backward runs through the graph of an
+    engine's forward (``outputs``: what it returned; ``module``: the engine's module): DeepSpeed's
+    output hooks (``OutputBackwardHookManager``: backward prologue once, and a division by the
+    accumulation steps per tensor) do nothing, and ZeRO-3's pre-backward module functions
+    (parameter fetch, reference count) do nothing; everything is restored after, so the engine's
+    real backward runs them exactly as without this call.
+
+    Why by hand: DeepSpeed has no switch for either. The hook managers hang off the output
+    tensors (``_backward_hook_managers``) and skip their work once ``preprocess_done`` is set (and
+    ``preprocess_per_tensor_fn`` is None); ZeRO-3 counts pending pre-backward calls in each
+    module's ``applied_pre_backward_ref_cnt``. All three are private attributes of DeepSpeed
+    0.19.8, saved, overridden for the block and put back. Used for GAN's adaptive weight
+    (:mod:`pretrain.gan`, point 3 of its docstring)."""
+    managers = {}
+    for t in _tensors(outputs):
+        for m in getattr(t, "_backward_hook_managers", ()):
+            managers[id(m)] = m
+    saved = [(m, m.preprocess_done, m.preprocess_per_tensor_fn) for m in managers.values()]
+    counts = [(mod, mod.__dict__["applied_pre_backward_ref_cnt"]) for mod in module.modules()
+              if "applied_pre_backward_ref_cnt" in mod.__dict__]
+    for m, _, _ in saved:
+        m.preprocess_done, m.preprocess_per_tensor_fn = True, None
+    for mod, _ in counts:
+        mod.applied_pre_backward_ref_cnt = 0
+    try:
+        yield
+    finally:
+        for m, done, fn in saved:
+            m.preprocess_done, m.preprocess_per_tensor_fn = done, fn
+        for mod, c in counts:
+            mod.applied_pre_backward_ref_cnt = c
+
+
+# ---- checkpoints: the universal format, zero_to_fp32, the pickled classes ---------------------------
+def universal_checkpoint_info() -> dict[str, Any]:
+    """The client-state entry every engine checkpoint carries: ``ds_to_universal`` (0.19.8) asserts
+    that the model states hold it; it is what makes a checkpoint convertible, i.e. loadable on
+    another world size."""
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
+def to_universal(engine_dir: str, out_dir: str) -> str:
+    """Convert one engine's DeepSpeed checkpoint folder into the universal format in ``out_dir``:
+    ``ds_to_universal`` in-process, one worker (no process pool inside a training rank). Returns
+    what it printed (stdout and stderr, kept off the console)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=engine_dir, output_folder=out_dir, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        ds_to_universal.main(args)
+    return out.getvalue()
+
+
+def load_universal_checkpoint(engine, load_dir: str, tag: str):
+    """``engine.load_checkpoint(load_dir, tag=tag)`` from a folder in the universal format; returns
+    what it returns (``(path, client_state)``).
+
+    DeepSpeed has no argument for it: it reads the flag ``load_universal_checkpoint`` of the
+    engine's private ``_config``, and only at load time. The flag is set for this one call and
+    reset after, so the engine's own config (``checkpoint.load_universal=false``) holds otherwise."""
+    engine._config.load_universal_checkpoint = True
+    try:
+        return engine.load_checkpoint(load_dir, tag=tag)
+    finally:
+        engine._config.load_universal_checkpoint = False
+
+
+def repair_zero3_universal(engine, universal_dir: str, load) -> None:
+    """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py,
+    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), found by resuming through the
+    universal format on the same world size and comparing with a direct resume:
+
+    - one ``step`` tensor object is put in the state of every sub-group; torch's AdamW increments
+      it in place, so with two parameter groups it advances twice per step and the second group's
+      bias correction is wrong from the first step on. Each sub-group gets its own copy (the ZeRO-3
+      optimizer's private ``fp32_partitioned_groups_flat`` are the keys of that state).
+    - every parameter group gets the hyperparameters of group 0 (a no-decay group then decays).
+      They are restored per group from the converted ``zero/optimizer_state.pt``.
+
+    ``load`` reads that file (:func:`pretrain.safe_load.load`; passed in because safe_load imports
+    this module for its allowlist). Nothing happens below stage 3.
     """
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS
 
-    def __init__(self, engine, decay: float = 0.9999, warmup: bool = False):
-        self.engine, self.decay, self.warmup = engine, float(decay), warmup
-        self.num_updates = 0
-        self.rank, self.world = rank_world()
-        self.params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
-        # other names of the same tensors (tied weights), so full_state_dict fills every key
-        canonical = {id(p): n for n, p in self.params.items()}
-        self.aliases = {n: canonical[id(p)] for n, p in engine.module.named_parameters(remove_duplicate=False)
-                        if id(p) in canonical and canonical[id(p)] != n}
-        self.shards = {n: self._local(p).float().clone() for n, p in self.params.items()}
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", None)
+    if engine.zero_optimization_stage() != 3 or base is None:
+        return
+    for flat in getattr(opt, "fp32_partitioned_groups_flat", []):
+        st = base.state.get(flat)
+        if st is not None and torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].clone()
+    sd = load(os.path.join(universal_dir, "zero", "optimizer_state.pt"), map_location="cpu")
+    saved = sd.get(OPTIMIZER_STATE_DICT, {}).get(PARAM_GROUPS) or sd.get(PARAM_GROUPS) or []
+    if len(saved) != len(base.param_groups):
+        log.warning("cannot restore per-group optimizer settings after the ZeRO-3 universal load "
+                    "(%d saved groups, %d now)", len(saved), len(base.param_groups))
+        return
+    for group, old in zip(base.param_groups, saved):
+        group.update({k: v for k, v in old.items() if k != "params"})
 
-    def _bounds(self, numel: int) -> tuple[int, int]:
-        chunk = -(-numel // self.world)
-        start = min(self.rank * chunk, numel)
-        return start, min(chunk, numel - start)
 
-    def _numel(self, p) -> int:
-        return int(p.ds_numel) if hasattr(p, "ds_tensor") else p.numel()
+def zero_fp32_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """DeepSpeed's zero_to_fp32: the fp32 weights of engine folder ``tag`` of ``checkpoint_dir`` merged
+    from its ZeRO shards, without any process group (what it prints is dropped). It loads with
+    ``torch.load``: call it inside :func:`pretrain.safe_load.weights_only_loads`."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    def _local(self, p) -> torch.Tensor:
-        start, n = self._bounds(self._numel(p))
-        if hasattr(p, "ds_tensor"):                      # ZeRO-3: the local partition, padded
-            return p.ds_tensor.detach().view(-1)[:n]
-        return p.detach().reshape(-1)[start:start + n]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return dict(get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag))
 
-    def current_decay(self) -> float:
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
-    @torch.no_grad()
-    def update(self) -> None:
-        """Call after each optimizer step (``engine.is_gradient_accumulation_boundary()``). Rows
-        written outside the optimizer since the last update (dead-code restarts, see
-        :func:`apply_row_writes`) restart in the average too: it takes their new value, rather than
-        a blend of a dead code and its replacement that matches neither."""
-        d = self.current_decay()
-        for n, p in self.params.items():
-            self.shards[n].mul_(d).add_(self._local(p).float(), alpha=1.0 - d)
-        for n, mask in getattr(self.engine, "row_writes_applied", {}).items():
-            if n in self.shards:
-                p = self.params[n]
-                shape = list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)
-                per_row = int(torch.Size(shape[1:]).numel())
-                start, count = self._bounds(self._numel(p))
-                rows = mask.to(self.shards[n].device).repeat_interleave(per_row)[start:start + count]
-                self.shards[n].copy_(torch.where(rows, self._local(p).float(), self.shards[n]))
-        if hasattr(self.engine, "row_writes_applied"):
-            self.engine.row_writes_applied.clear()
-        self.num_updates += 1
-
-    # -- save / load (per rank, world-size independent) --
-    def state_dict(self) -> dict[str, Any]:
-        shards = {}
-        for n, p in self.params.items():
-            numel = self._numel(p)
-            shape = list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)
-            shards[n] = {"start": self._bounds(numel)[0], "numel": numel, "shape": shape,
-                         "data": self.shards[n].cpu()}
-        return {"decay": self.decay, "num_updates": self.num_updates, "world_size": self.world,
-                "rank": self.rank, "shards": shards}
-
-    def save(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        torch.save(self.state_dict(), os.path.join(folder, f"rank{self.rank}.pt"))
-
-    def load(self, folder: str) -> None:
-        """Load the shards saved by any world size (reads every rank file of ``folder``)."""
-        files = sorted(f for f in os.listdir(folder) if f.startswith("rank") and f.endswith(".pt"))
-        states = [safe_load.load(os.path.join(folder, f), map_location="cpu") for f in files]
-        if not states or len(states) != states[0]["world_size"]:
-            raise FileNotFoundError(f"EMA shards in {folder} are incomplete ({len(states)} files)")
-        self.num_updates = int(states[0]["num_updates"])
-        for n, p in self.params.items():
-            start, count = self._bounds(self._numel(p))
-            out = self.shards[n]
-            filled = 0
-            for st in states:
-                piece = st["shards"][n]
-                lo, hi = max(start, piece["start"]), min(start + count, piece["start"] + piece["data"].numel())
-                if hi > lo:
-                    out[lo - start:hi - start].copy_(piece["data"][lo - piece["start"]:hi - piece["start"]])
-                    filled += hi - lo
-            if filled != count:
-                raise ValueError(f"EMA shards in {folder} do not cover {n}")
-
-    # -- whole weights --
-    @torch.no_grad()
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The module state dict with the EMA (fp32) in place of the trainable weights, on every
-        rank (a collective: one all_gather of all shards, plus the ZeRO-3 gather of the rest)."""
-        import torch.distributed as dist
-
-        full = consolidated_state_dict(self.engine)
-        names = list(self.params)
-        chunks = [-(-self._numel(self.params[n]) // self.world) for n in names]
-        buf = torch.zeros(sum(chunks), dtype=torch.float32)
-        off = 0
-        for n, c in zip(names, chunks):
-            buf[off:off + self.shards[n].numel()] = self.shards[n].cpu()
-            off += c
-        if self.world > 1:
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            parts = [torch.empty_like(buf, device=device) for _ in range(self.world)]
-            dist.all_gather(parts, buf.to(device))
-            parts = [t.cpu() for t in parts]
-        else:
-            parts = [buf]
-        off = 0
-        for n, c in zip(names, chunks):
-            numel = self._numel(self.params[n])
-            flat = torch.cat([t[off:off + c] for t in parts])[:numel]
-            full[n] = flat.view(full[n].shape)          # fp32, whatever the training dtype
-            off += c
-        for alias, n in self.aliases.items():
-            if alias in full:
-                full[alias] = full[n]
-        return full
-
-    @contextlib.contextmanager
-    def swapped_in(self) -> Iterator[None]:
-        """Evaluate with the EMA weights: load them into the module, restore the live ones after
-        (a collective; the optimizer's master weights are untouched)."""
-        ema = self.full_state_dict()
-        live = consolidated_state_dict(self.engine)
-        self._write(ema)
-        try:
-            yield
-        finally:
-            self._write(live)
-
-    @torch.no_grad()
-    def _write(self, full: dict[str, torch.Tensor]) -> None:
-        for n, p in self.params.items():
-            with gathered([p], modifier_rank=0):
-                p.data.copy_(full[n].to(p.device, p.dtype))
+def deepspeed_globals() -> list[Any]:
+    """The non-tensor classes DeepSpeed pickles into its checkpoints, the allowlist of
+    :mod:`pretrain.safe_load` (imported lazily: DeepSpeed is not needed to read vqscale's own
+    files)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [ZeroStageEnum, LossScaler, fragment_address]
