@@ -1,4 +1,4 @@
-"""The import graph of the packages, read from the source (ast), against DESIGN.md's table: no
+"""The import graph of the packages, read from the source (ast), against docs/DESIGN.md's table: no
 cycle between modules (imports inside functions count), and no import upward.
 
 An import inside a function hides an edge from a reader but not from this test, so a cycle cannot
@@ -14,7 +14,7 @@ from collections import defaultdict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("data_pipeline", "model_zoo", "pretrain", "evals", "cluster")
 
-# Which packages a package may import (DESIGN.md, "Packages and who may import whom"). The
+# Which packages a package may import (docs/DESIGN.md, "Packages and who may import whom"). The
 # command line (pretrain/cli.py) sees every package; data_pipeline.storage sees none.
 MAY_IMPORT = {
     "data_pipeline.storage": set(),
@@ -135,7 +135,7 @@ def test_no_package_imports_one_above_it():
     assert bad == []
 
 
-# The one DeepSpeed adapter (DESIGN.md): every other module reaches DeepSpeed through it.
+# The one DeepSpeed adapter (docs/DESIGN.md): every other module reaches DeepSpeed through it.
 DEEPSPEED_ADAPTER = "pretrain.runtime"
 
 
