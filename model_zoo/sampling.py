@@ -155,6 +155,21 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return out
 
 
+def guided_rows(seeds, labels: torch.Tensor, sampling: SamplingConfig,
+                null_label: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """What a class-conditional sampler runs: ``(seeds [n] long, row labels, guidance scale)``.
+    ``seeds`` must hold one seed per label; with guidance (scale != 1) the conditional rows are
+    followed by as many ``null_label`` rows, so one forward per step serves both halves."""
+    n = labels.shape[0]
+    seeds = torch.as_tensor(seeds, dtype=torch.long, device=labels.device).reshape(-1)
+    if seeds.shape[0] != n:
+        raise ValueError(f"{seeds.shape[0]} seeds for {n} samples")
+    scale = float(sampling.guidance_scale)
+    if scale != 1.0:
+        labels = torch.cat([labels, torch.full_like(labels, null_label)])
+    return seeds, labels, scale
+
+
 def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: ``uncond + scale * (cond - uncond)``."""
     scale = float(scale)

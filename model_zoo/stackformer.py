@@ -67,7 +67,7 @@ from torch import nn
 
 from .interfaces import Prior, class_labels
 from .registry import register_model
-from .sampling import SamplingConfig, cfg_logits, sample_tokens
+from .sampling import SamplingConfig, cfg_logits, guided_rows, sample_tokens
 from .transformer import Transformer, TransformerConfig
 from .vqgan import replace_config
 
@@ -244,13 +244,7 @@ class Stackformer(Prior):
         unconditional rows as one batch of ``2n`` and guides both heads. Codes are filtered by
         ``sampling.top_k`` / ``top_p``, positions by ``sampling.for_positions()``. Call in eval mode."""
         n, k, dev = num_samples, self.num_tokens, self.step_embed.device
-        seeds = torch.as_tensor(seeds, dtype=torch.long, device=dev).reshape(-1)
-        if seeds.shape[0] != n:
-            raise ValueError(f"{seeds.shape[0]} seeds for {n} samples")
-        labels = self._labels(condition, n)
-        scale = float(sampling.guidance_scale)
-        if scale != 1.0:
-            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        seeds, labels, scale = guided_rows(seeds, self._labels(condition, n), sampling, self.num_classes)
         rows = labels.shape[0]
         position_sampling = sampling.for_positions()
         codes = torch.zeros(n, k, dtype=torch.long, device=dev)

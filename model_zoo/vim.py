@@ -61,7 +61,7 @@ from torch import nn
 
 from .interfaces import Prior, class_labels
 from .registry import register_model
-from .sampling import SamplingConfig, cfg_logits, sample_tokens
+from .sampling import SamplingConfig, cfg_logits, guided_rows, sample_tokens
 from .transformer import Transformer, TransformerConfig
 from .vqgan import replace_config
 
@@ -188,14 +188,8 @@ class VIM(Prior):
         of every step before temperature and filtering. Runs in eval mode (dropout off) and
         restores the previous mode."""
         n, N, dev = int(num_samples), self.num_tokens, self._device
-        seeds = torch.as_tensor(seeds, dtype=torch.long, device=dev).reshape(-1)
-        if seeds.shape[0] != n:
-            raise ValueError(f"{seeds.shape[0]} seeds for {n} samples")
-        labels = self._labels(condition, n)
-        scale = float(sampling.guidance_scale)
-        if scale != 1.0:
-            # Conditional and unconditional halves as one batch: one forward per step for both.
-            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+        # with guidance, the conditional and unconditional halves as one batch
+        seeds, labels, scale = guided_rows(seeds, self._labels(condition, n), sampling, self.null_class)
         rows, rep = labels.shape[0], labels.shape[0] // n
         codes = torch.zeros(n, N, dtype=torch.long, device=dev)
         cache = self.transformer.new_cache(rows, N, dev, self.pos_embed.dtype) if sampling.use_cache else None
