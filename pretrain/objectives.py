@@ -455,14 +455,14 @@ def _is_text_prior(prior: nn.Module) -> bool:
 
 
 class PriorObjective(Objective):
-    """Stage-2 objective (module docstring). ``tokenizer`` (optional, any Tokenizer matching the
+    """Stage-2 objective (module docstring). ``image_tokenizer`` (optional, any Tokenizer matching the
     prior's codes) decodes the samples of :meth:`visuals`; without it ``visuals`` returns {}."""
 
     models: tuple[str, ...] = ("model",)
 
-    def __init__(self, cfg: PriorLossConfig | None = None, tokenizer: nn.Module | None = None):
+    def __init__(self, cfg: PriorLossConfig | None = None, image_tokenizer: nn.Module | None = None):
         self.cfg = cfg or PriorLossConfig()
-        self.tokenizer = tokenizer
+        self.image_tokenizer = image_tokenizer
         self._warned = False
 
     def condition(self, prior: nn.Module, batch: dict, n: int | None = None):
@@ -517,10 +517,10 @@ class PriorObjective(Objective):
         """``samples``: ``num_visuals`` images drawn for the batch's first conditions (labels or
         captions) with fixed seeds, decoded by the tokenizer, ``[n, 3, H, W]`` in [-1, 1]. Under
         ZeRO-3 every rank must call it (the forward gathers parameters)."""
-        if self.tokenizer is None or self.cfg.num_visuals <= 0:
+        if self.image_tokenizer is None or self.cfg.num_visuals <= 0:
             return {}
         cfg, prior = self.cfg, unwrap(models[self.models[0]])
-        tok = unwrap(self.tokenizer)
+        tok = unwrap(self.image_tokenizer)
         if tok.codebook_size != prior.codebook_size:
             raise ValueError(f"tokenizer codebook {tok.codebook_size} != prior codebook {prior.codebook_size}")
         n = min(cfg.num_visuals, len(batch["codes"]) if "codes" in batch else len(batch["caption"]))
@@ -540,10 +540,10 @@ class PriorObjective(Objective):
 # -------------------------------------------------------------------------------------------------
 
 def build_objective(kind: Literal["tokenizer", "prior"], cfg=None, *, perceptual: L.LPIPS | None = None,
-                    tokenizer: nn.Module | None = None):
+                    image_tokenizer: nn.Module | None = None):
     """The objective of a stage: ``"tokenizer"`` -> :class:`TokenizerObjective` (``cfg`` a
     :class:`TokenizerLossConfig`, optional ``perceptual`` LPIPS), ``"prior"`` ->
-    :class:`PriorObjective` (``cfg`` a :class:`PriorLossConfig`, optional ``tokenizer`` for visuals)."""
+    :class:`PriorObjective` (``cfg`` a :class:`PriorLossConfig`, optional ``image_tokenizer`` for visuals)."""
     if kind == "tokenizer":
         if cfg is not None and not isinstance(cfg, TokenizerLossConfig):
             raise TypeError(f"the tokenizer objective takes a TokenizerLossConfig, got {type(cfg).__name__}")
@@ -551,5 +551,5 @@ def build_objective(kind: Literal["tokenizer", "prior"], cfg=None, *, perceptual
     if kind == "prior":
         if cfg is not None and not isinstance(cfg, PriorLossConfig):
             raise TypeError(f"the prior objective takes a PriorLossConfig, got {type(cfg).__name__}")
-        return PriorObjective(cfg, tokenizer=tokenizer)
+        return PriorObjective(cfg, image_tokenizer=image_tokenizer)
     raise ValueError(f"objective kind must be 'tokenizer' or 'prior', got {kind!r}")

@@ -187,7 +187,7 @@ class Trainer:
         self.derived = derived
         self.model = model_from_config(cfg, derived)
         self.tokenizer_identity: dict[str, str] | None = None   # a prior's tokenizer: {name, sha256, url}
-        self.tokenizer = self._visual_tokenizer()
+        self.image_tokenizer = self._image_tokenizer()
         lcfg = cfg.tokenizer_loss if cfg.stage == "tokenizer" else cfg.prior_loss
         if cfg.stage == "tokenizer" and cfg.discriminator.model:
             # two engines: the tokenizer ("generator") and the discriminator (pretrain/gan.py)
@@ -202,7 +202,7 @@ class Trainer:
             self.objective.bind_discriminator(disc)            # before ZeRO-3 partitions it
             modules = {"generator": self.model, "discriminator": disc}
         else:
-            self.objective = build_objective(cfg.stage, lcfg, tokenizer=self.tokenizer)
+            self.objective = build_objective(cfg.stage, lcfg, image_tokenizer=self.image_tokenizer)
             modules = {"model": self.model}
         if cfg.stage == "prior" and getattr(getattr(self.model, "config", None), "text_encoder", None):
             self.loader.spec = dataclasses.replace(
@@ -248,7 +248,7 @@ class Trainer:
         derived = {"codebook_size": dec.codebook_size, "grid_size": dec.grid_size, "num_tokens": dec.num_tokens}
         return loader, derived
 
-    def _visual_tokenizer(self):
+    def _image_tokenizer(self):
         if self.cfg.stage != "prior" or not self.cfg.tokenizer:
             return None
         from model_zoo.package import load_package

@@ -408,7 +408,7 @@ def test_optimizer_steps_lower_prior_loss():
 def test_prior_visuals(name, tok):
     torch.manual_seed(0)
     prior, tokenizer = create_model(name).train(), create_model(tok)
-    obj = build_objective("prior", PriorLossConfig(num_visuals=2), tokenizer=tokenizer)
+    obj = build_objective("prior", PriorLossConfig(num_visuals=2), image_tokenizer=tokenizer)
     v = obj.visuals({"model": prior}, _code_batch(prior))
     s = v["samples"]
     assert s.shape == (2, 3, tokenizer.image_size, tokenizer.image_size)
@@ -479,7 +479,7 @@ def _zero3_worker(out: str) -> None:
            "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
     engine = deepspeed.initialize(model=prior, model_parameters=list(prior.parameters()), config=cfg,
                                   optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))[0]
-    obj = PriorObjective(PriorLossConfig(num_visuals=2), tokenizer=create_model("mq-vae-f8-tiny"))
+    obj = PriorObjective(PriorLossConfig(num_visuals=2), image_tokenizer=create_model("mq-vae-f8-tiny"))
     for i in range(4):
         loss, _ = obj({"model": engine}, _zero3_batch(rank, i), i)
         engine.backward(loss)
@@ -504,7 +504,7 @@ def test_prior_objective_on_a_zero3_engine_matches_plain_torch(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = torch.load(tmp_path / "zero3.pt")
     # Plain torch: SGD on the mean over 2 ranks x 2 micro-batches.
-    prior, obj = _zero3_prior(), PriorObjective(PriorLossConfig(num_visuals=2), tokenizer=create_model("mq-vae-f8-tiny"))
+    prior, obj = _zero3_prior(), PriorObjective(PriorLossConfig(num_visuals=2), image_tokenizer=create_model("mq-vae-f8-tiny"))
     opt = torch.optim.SGD(prior.parameters(), lr=0.1)
     for step in range(2):
         opt.zero_grad()

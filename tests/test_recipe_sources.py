@@ -171,7 +171,7 @@ def test_stackformer_recipe_visuals_reach_generate(monkeypatch):
         return real(self, condition, n, sampling, seeds)
 
     monkeypatch.setattr(type(prior), "generate", spy)
-    obj = PriorObjective(cfg.prior_loss, tokenizer=create_model("mq-vae-f8-tiny"))
+    obj = PriorObjective(cfg.prior_loss, image_tokenizer=create_model("mq-vae-f8-tiny"))
     codes, positions = torch.zeros(2, 16, dtype=torch.long), torch.arange(16).repeat(2, 1)
     out = obj.visuals({"model": prior}, {"codes": codes, "positions": positions, "label": torch.tensor([0, 1])})
     s = got["sampling"]
