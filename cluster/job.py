@@ -85,6 +85,8 @@ class VerbJob:
         from submitit.core.job_environment import SignalHandler
         from submitit.core.utils import DelayedSubmission
 
+        # lazy (also in _status): `vqscale --help` imports this module, through cluster.submit, and
+        # pretrain brings torch
         from pretrain.distributed import process_stop_flag
 
         env = submitit.JobEnvironment()

@@ -33,7 +33,8 @@ from typing import Any, Sequence
 
 from data_pipeline import storage
 
-from .job import CommandLine
+from .job import CommandLine, VerbJob
+from .status import wait_jobs
 
 CLUSTERS = ("local", "slurm")
 
@@ -151,6 +152,8 @@ def _parse_verb(argv: list[str], build_parser) -> argparse.Namespace:
 
 def _train_task(argv: list[str], ns: argparse.Namespace, world: int) -> Task:
     """Resolve the recipe and overrides now (bad keys fail here) and pin the run dir to an absolute path."""
+    # pretrain is imported lazily in this module (also in submit_plan): `vqscale --help` imports it
+    # for its arguments, and pretrain brings torch and the Trainer's data, metrics and DeepSpeed modules
     from pretrain.config import apply_overrides, to_dict
     from pretrain.optim import gradient_accumulation_steps
     from pretrain.recipes import get_recipe
@@ -318,12 +321,10 @@ def executor_for(plan: Plan):
 
 def submit_plan(plan: Plan, max_requeues: int, cli: CommandLine) -> list:
     """Submit every task (an array when there are several); returns submitit jobs."""
+    from pretrain.distributed import free_port
     from pretrain.metrics import update_status
 
-    from .job import VerbJob
-
     ex = executor_for(plan)
-    from pretrain.distributed import free_port
 
     port = free_port() if plan.cluster == "local" else None
     jobs_args = [VerbJob(argv=t.argv, status_dir=t.status_dir, entry=cli.main, max_requeues=max_requeues,
@@ -360,8 +361,6 @@ def main_submit(args: argparse.Namespace, cli: CommandLine) -> int:
         print(json.dumps({"job_id": str(job.job_id), "cluster": plan.cluster, "status_dir": t.status_dir,
                           "logs": str(job.paths.folder)}))
     if plan.cluster == "local" or args.wait:
-        from .status import wait_jobs
-
         try:
             return wait_jobs(jobs, [t.status_dir for t in plan.tasks], cluster=plan.cluster)
         except KeyboardInterrupt:

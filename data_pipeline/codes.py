@@ -32,7 +32,8 @@ from . import storage
 from .defects import CORRUPT_CODES, MISSING_CODES, SampleDefect
 from .images import read_caption, read_label
 from .shards import DEFAULT_RETRY_FOR_S, MANIFEST, ShardWriter, WriterContext, iter_shard, make_manifest
-from .sources import DataError
+from .sources import DataError, open_sources, parse_mixture
+from .stream import StreamingLoader, StreamSpec
 
 CODES, POSITIONS, TEXT_EMB = "codes.npy", "pos.npy", "txtemb.npy"
 CODE_FIELDS = ("tokenizer", "grid_size", "codebook_size")
@@ -225,8 +226,6 @@ def manifest_labels(url: str) -> dict[str, list[int]]:
     root or a mixture of them) record; roots whose manifest is missing, unreadable or records no
     labels (written before labels were recorded, or unlabelled data) are left out. One small read
     per root, for checks before a run starts."""
-    from .sources import parse_mixture
-
     out = {}
     for root, _weight in parse_mixture(url):
         root = root.rstrip("/")
@@ -359,9 +358,6 @@ def code_loader(url: str, batch_size: int, seed: int = 0, rank: int | None = Non
     :class:`~data_pipeline.stream.StreamingLoader` with exact resume. ``codebook_size``,
     ``grid_size`` and ``num_tokens`` from the manifests validate samples unless given; the retry
     and checksum settings are :class:`~data_pipeline.config.DataConfig`'s."""
-    from .sources import open_sources
-    from .stream import StreamingLoader, StreamSpec
-
     sources = open_sources(url)
     for src in sources:  # a manifest must be a code manifest: an image dataset fails here, clearly
         if src.manifest is not None:

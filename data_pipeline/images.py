@@ -26,10 +26,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import get_worker_info
 
+from . import storage
 from .config import DataConfig, FilterConfig
 from .defects import (CORRUPT_IMAGE, CORRUPT_METADATA, EMPTY_IMAGE, MISSING_IMAGE, SampleDefect,
                       SampleFiltered)
 from .shards import IMAGE_EXTS
+from .sources import open_sources
+from .stream import StreamingLoader, StreamSpec
 
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # real photos can be large; bombs beyond this are defects
 
@@ -233,10 +236,6 @@ def image_loader(cfg: DataConfig, batch_size: int, seed: int = 0, rank: int | No
     Batches hold float images in ``[-1, 1]`` on ``device``; ``to_float=False`` keeps the uint8
     batches the workers made (for a caller that converts on its own device).
     """
-    from . import storage
-    from .sources import open_sources
-    from .stream import StreamingLoader, StreamSpec
-
     if cfg.s3_endpoint_url:
         storage.configure("s3", endpoint_url=cfg.s3_endpoint_url)
     spec = StreamSpec(

@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from data_pipeline import storage
+
 METRICS = ("reconstruction", "generation", "codebook", "linear-probe", "clip-score", "ref-stats")
 
 
@@ -121,6 +123,9 @@ def _features(weights: str | None, device):
 
 
 def main_eval(args) -> int:
+    # Each metric's module (torch, model_zoo, pretrain's resolver) is imported lazily, inside the
+    # branch of _run (and here, _features) that runs it: `vqscale --help` imports this module for
+    # its arguments and must stay fast (DESIGN.md), and a metric loads only its own modules.
     from .inception import InceptionWeightsNotFound
 
     try:
@@ -190,8 +195,6 @@ def _run(args) -> dict:
 
         overrides = None
         if args.clip_overrides:
-            from data_pipeline import storage
-
             text = args.clip_overrides
             overrides = json.loads(storage.read_text(text) if text.endswith(".json") else text)
         return evaluate_clip_score(args.ckpt, args.prompts, args.out, num_per_prompt=args.num_per_prompt,

@@ -39,7 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline import storage
-from model_zoo.package import sha256_file
+from model_zoo.grids import save_grid
+from model_zoo.package import load_prior_with_tokenizer, sha256_file
+from model_zoo.sampling import SamplingConfig
+from model_zoo.text_encoders import WEIGHT_SUFFIXES, cache_dir
+from pretrain.sample import resolve_prior, sample_images, text_encoder_of
 
 from .report import sibling_url, write_result
 
@@ -63,8 +67,6 @@ class LoadedCLIP(NamedTuple):
 
 def clip_weight_candidates(model_name: str) -> list[str]:
     """Where :func:`load_clip` looks when no ``weights`` are given."""
-    from model_zoo.text_encoders import WEIGHT_SUFFIXES, cache_dir
-
     stem = "openclip-" + model_name.lower().replace("/", "-")
     return [storage.join(cache_dir(), "weights", stem + s) for s in WEIGHT_SUFFIXES]
 
@@ -202,11 +204,6 @@ def evaluate_clip_score(ckpt: str, prompts: str | Sequence[str], out_url: str | 
     Returns ``clip_score`` (mean over all images), ``clip_score_std``, ``per_prompt`` (prompt, its
     images' scores, their mean), ``num_images``, ``protocol`` (CLIP model and weights sha256, the
     formula, sampling, seed), ``seconds`` and ``generation_seconds``."""
-    from model_zoo.package import load_prior_with_tokenizer
-    from model_zoo.sampling import SamplingConfig
-    from model_zoo.grids import save_grid
-    from pretrain.sample import resolve_prior, sample_images, text_encoder_of
-
     t0 = time.perf_counter()
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     prompts = read_prompts(prompts)

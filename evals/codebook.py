@@ -32,7 +32,10 @@ import numpy as np
 import torch
 
 from data_pipeline import storage
+from model_zoo.package import CHECKSUMS, load_package, read_config
+from pretrain.resolve import as_package
 
+from .passes import fixed_pass
 from .plots import new_figure, save_figure
 from .report import sibling_url, write_result
 
@@ -142,9 +145,6 @@ def load_tokenizer(ckpt: str, device) -> tuple[torch.nn.Module, dict[str, str]]:
     """``(tokenizer in eval mode, {name, sha256, package})`` for a zoo package, run directory or
     step folder. The sha256 is that of ``checksums.sha256`` (which lists every file's sha256), the
     identity the tokenize job writes into code manifests, so results and code shards can be matched."""
-    from model_zoo.package import CHECKSUMS, load_package, read_config
-    from pretrain.resolve import as_package
-
     package = as_package(ckpt, kind="tokenizer")
     before = storage.read_bytes(storage.join(package, CHECKSUMS))
     model = load_package(package, device=device)
@@ -167,8 +167,6 @@ class TokenStream:
     def __init__(self, tokenizer, data_url: str, resolution: int | None = None, batch_size: int = 32,
                  max_images: int | None = None, device=None, num_workers: int | None = None,
                  progress: bool = True, desc: str = "eval"):
-        from .passes import fixed_pass
-
         if max_images is not None and max_images < 1:
             raise ValueError(f"max_images must be at least 1, got {max_images}")
         self.tokenizer = tokenizer

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load, save as st_save
 
 from data_pipeline import storage
+from data_pipeline.demo import demo_samples
 
 __all__ = ["DigitsCNN", "DigitsJudge", "SHIPPED_PATH", "real_digits", "train_digits_judge",
            "load_digits_judge", "judge_samples", "judge_features"]
@@ -49,7 +50,6 @@ FORMAT_VERSION = 1
 
 def _demo_digit_size() -> int:
     # Read the renderer's own default so the judge follows it if the demo changes.
-    from data_pipeline.demo import demo_samples
     return int(inspect.signature(demo_samples).parameters["digit_size"].default)
 
 
@@ -62,7 +62,6 @@ def _rendered_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     labels, sklearn indices (sorted by index)."""
     from PIL import Image
 
-    from data_pipeline.demo import demo_samples
     imgs, labels, index = [], [], []
     for _, files in demo_samples(digits=None, crops_per_photo=0):
         meta = json.loads(files["json"])

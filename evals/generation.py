@@ -39,12 +39,13 @@ from tqdm.auto import tqdm
 
 from data_pipeline import storage
 from model_zoo.grids import save_grid
+from model_zoo.package import CHECKSUMS, load_prior_with_tokenizer, read_config
 from model_zoo.sampling import SamplingConfig, sample_seeds
 from pretrain.distributed import detect_env, init_distributed, rank_world
-from pretrain.sample import text_encoder_of
+from pretrain.sample import resolve_prior, text_encoder_of
 
 from .digits import NUM_DIGITS, load_digits_judge, real_digits
-from .inception import RESIZE, to_uint8
+from .inception import RESIZE, InceptionWeightsNotFound, load_inception, to_uint8
 from .report import sibling_url, write_result
 from .stats import feature_stats, frechet_distance, inception_score, kid, load_ref_stats, precision_recall
 
@@ -122,9 +123,6 @@ def _load_pair(prior_pkg_path: str, device) -> tuple[torch.nn.Module, torch.nn.M
     """``(prior, image_tokenizer, {name, sha256, package})``, the sha256 that of the checksums file (which
     lists every file, the tokenizer's too), as evals/codebook.py identifies tokenizers."""
     import hashlib
-
-    from model_zoo.package import CHECKSUMS, load_prior_with_tokenizer, read_config
-    from pretrain.sample import resolve_prior
 
     url = resolve_prior(prior_pkg_path)
     sha = hashlib.sha256(storage.read_bytes(storage.join(url, CHECKSUMS))).hexdigest()
@@ -205,8 +203,6 @@ def _num(x) -> float | None:
 
 
 def _inception(inception_weights, device, notes: list[str]):
-    from .inception import InceptionWeightsNotFound, load_inception
-
     try:
         return load_inception(inception_weights, device=device)
     except InceptionWeightsNotFound as e:

@@ -37,7 +37,11 @@ import torch
 from torch import Tensor, nn
 
 from data_pipeline import storage
+from data_pipeline.config import DataConfig
 from model_zoo.package import sha256_file
+
+from .passes import fixed_pass
+from .stats import feature_stats, save_ref_stats
 
 __all__ = [
     "WEIGHTS_URL", "WEIGHTS_FILES", "EXTRACTOR_NAME", "RESIZE", "InceptionWeightsNotFound",
@@ -248,11 +252,6 @@ def compute_ref_stats(data_url: str, out_url: str, inception_weights: str | None
     default the data config's 256, no shuffling) through the Inception network; writes ``mu``,
     ``sigma`` and metadata to ``out_url`` (:func:`evals.stats.save_ref_stats`) and returns them
     as :func:`evals.stats.load_ref_stats` would."""
-    from data_pipeline.config import DataConfig
-
-    from .passes import fixed_pass
-    from .stats import feature_stats, save_ref_stats
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_inception(inception_weights, device=device)   # before streaming: fail fast
     resolution = int(resolution or DataConfig.resolution)

@@ -20,13 +20,13 @@ from typing import Any
 
 from data_pipeline import storage
 
+from .generation import evaluate_generation
+from .probe import evaluate_linear_probe
+from .reconstruction import evaluate_reconstruction
+
 
 def demo_metrics(result: dict[str, Any], guidance: float, temperature: float, seed: int = 0,
                  samples_per_digit: int = 10, progress: bool = False) -> dict[str, Any]:
-    from .generation import evaluate_generation
-    from .probe import evaluate_linear_probe
-    from .reconstruction import evaluate_reconstruction
-
     # Each stage's results go into its own run directory's evals/ (DESIGN.md), where its model
     # card finds them when the run is exported.
     out = {stage: storage.join(result[stage]["run_dir"], "evals") for stage in ("prior", "tokenizer")}

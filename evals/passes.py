@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from data_pipeline.config import DataConfig
+from data_pipeline.images import image_loader
 from data_pipeline.sources import Source, open_sources
 
 
@@ -22,8 +23,6 @@ def fixed_pass(url: str, resolution: int, batch_size: int, num_workers: int | No
                **loader_kwargs: Any):
     """``(loader, source, workers)`` for one fixed-order pass; ``loader_kwargs`` go to
     :func:`data_pipeline.images.image_loader` (e.g. ``to_float=False``)."""
-    from data_pipeline.images import image_loader
-
     source = single_source(url)
     # More readers than shards is an error in the loader; two overlap decoding with the model,
     # which is all an evaluation needs.

@@ -54,8 +54,13 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline import storage
+from data_pipeline.codes import code_loader
+from model_zoo.package import CHECKSUMS, build_model, load_package, read_config
+from model_zoo.vim import PAPER_PROBE_BLOCKS
+from pretrain.resolve import as_package
 
 from .linear_probe import DEFAULT_WEIGHT_DECAYS, fit_linear_probe, plot_probe
+from .passes import fixed_pass
 from .report import sibling_url, write_result
 
 log = logging.getLogger("vqscale.evals.probe")
@@ -82,8 +87,6 @@ def paper_probe_layer(name: str, depth: int) -> int | None:
     """The 0-based block the paper's linear probe reads for registry preset ``name`` at ``depth``
     blocks (``model_zoo.vim.PAPER_PROBE_BLOCKS``: vim-base 9, vim-large 14), else None (other
     presets, or a preset whose depth was changed)."""
-    from model_zoo.vim import PAPER_PROBE_BLOCKS
-
     block, of = PAPER_PROBE_BLOCKS.get(name, (None, None))
     return block - 1 if block is not None and of == depth else None
 
@@ -145,8 +148,6 @@ def _limited(batches, max_samples: int | None, desc: str, progress: bool) -> Ite
 def stream_codes(url: str, batch_size: int, max_samples: int | None = None, codebook_size: int | None = None,
                  num_tokens: int | None = None, progress: bool = False) -> Iterator[dict[str, Any]]:
     """One pass over a code-shard root in a fixed order (batches of :func:`collate_codes`)."""
-    from data_pipeline.codes import code_loader
-
     loader = code_loader(url, batch_size, seed=0, rank=0, world_size=1, num_workers=0, shuffle_buffer=1,
                          interleave=1, max_epochs=1, codebook_size=codebook_size, num_tokens=num_tokens)
     yield from _limited(loader, max_samples, f"codes {storage.basename(url.rstrip('/'))}", progress)
@@ -156,8 +157,6 @@ def stream_images(url: str, resolution: int, batch_size: int, max_samples: int |
                   num_workers: int | None = None, progress: bool = False) -> Iterator[dict[str, Any]]:
     """One pass over an image dataset in a fixed order, center-cropped to ``resolution``; batches
     hold float ``[-1, 1]`` images on ``device`` and labels."""
-    from .passes import fixed_pass
-
     loader, _, _ = fixed_pass(url, resolution, batch_size, num_workers, device)
     yield from _limited(loader, max_samples, f"images {storage.basename(url.rstrip('/'))}", progress)
 
@@ -224,9 +223,6 @@ def _image_split(url: str, resolution: int, batch_size: int, max_samples, device
 def _load(ckpt: str, device) -> tuple[Any, dict[str, Any], Any, str | None]:
     """(model, identity, the prior's tokenizer built on meta for its image size, or None, the
     recipe its model card names, or None)."""
-    from model_zoo.package import CHECKSUMS, build_model, load_package, read_config
-    from pretrain.resolve import as_package
-
     url = as_package(ckpt)
     meta = read_config(url)
     if meta["kind"] not in ("prior", "tokenizer"):

@@ -40,8 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model_zoo.grids import save_grid
+from model_zoo.losses import LPIPS, LPIPSWeightsNotFound
+
 from .codebook import CodebookStats, TokenStream, default_device, load_tokenizer, plot_histogram
 from .report import sibling_url, write_result
+from .stats import frechet_distance
 
 __all__ = ["PSNR_MAX_DB", "psnr", "ssim", "FeatureMoments", "evaluate_reconstruction"]
 
@@ -133,8 +137,6 @@ def _load_lpips(lpips, device, notes: list[str]):
         notes.append("LPIPS skipped: disabled by the caller (lpips=False)")
         return None
     if lpips is None:
-        from model_zoo.losses import LPIPS, LPIPSWeightsNotFound
-
         try:
             lpips = LPIPS()   # pretrained, from the cache: lpips_weight_candidates()
         except LPIPSWeightsNotFound as e:
@@ -217,8 +219,6 @@ def evaluate_reconstruction(ckpt: str, data_url: str, out_url: str | None = None
         if stream.images < 2:
             notes.append(f"rFID skipped: {stream.images} image(s), a covariance needs at least 2")
         else:
-            from .stats import frechet_distance
-
             rfid = frechet_distance(*real_m.stats(), *fake_m.stats())
             dim = real_m.outer.shape[0]
             if stream.images <= dim:
@@ -247,8 +247,6 @@ def evaluate_reconstruction(ckpt: str, data_url: str, out_url: str | None = None
         files = {"codebook_histogram": sibling_url(out_url, "_codebook.png")}
         plot_histogram(stats.counts, files["codebook_histogram"], title=identity["name"])
         if shown:
-            from model_zoo.grids import save_grid
-
             real_s = torch.cat([r for r, _ in shown])
             recon_s = torch.cat([f for _, f in shown])
             cols = min(GRID_COLS, real_s.shape[0])

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from data_pipeline import storage
+from model_zoo.package import read_config, result_scalars
 
 __all__ = ["checkpoint_step", "scalars", "sibling_url", "tensorboard_dir", "write_result"]
 
@@ -25,8 +26,6 @@ def checkpoint_step(package: str | None) -> int | None:
     """The training step a package was exported from (its card's ``step``), else None."""
     if package is None:
         return None
-    from model_zoo.package import read_config
-
     step = (read_config(package).get("card") or {}).get("step")
     return None if step is None else int(step)
 
@@ -34,8 +33,6 @@ def checkpoint_step(package: str | None) -> int | None:
 def scalars(result: Mapping[str, Any]) -> dict[str, float]:
     """The finite numbers of a result, one level of nesting flattened with ``/`` (the same
     reading the model card of an exported package takes of these files)."""
-    from model_zoo.package import result_scalars
-
     return result_scalars(dict(result))
 
 

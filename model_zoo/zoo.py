@@ -39,8 +39,8 @@ from torch import nn
 
 from data_pipeline import storage
 
-from .package import (CHECKSUMS, CONFIG, PackageError, is_package, load_package, load_prior_with_tokenizer,
-                      read_config, verify_folder)
+from .package import (CHECKSUMS, CONFIG, PackageError, _fetch_verified, _publish, is_package, load_package,
+                      load_prior_with_tokenizer, read_config, verify_folder)
 from .text_encoders import cache_dir
 
 __all__ = ["ZooError", "zoo_url", "publish", "list_entries", "read_entry", "regenerate_index", "pull",
@@ -79,8 +79,6 @@ def publish(package: str, zoo: str | None = None, name: str | None = None) -> di
     """Verify ``package`` (folder or URL), copy it to ``ZOO/packages/NAME``, write its entry and
     regenerate the index; returns the entry. ``name`` defaults to the package's registry name; an
     existing entry of that name is replaced (a new version)."""
-    from .package import _fetch_verified, _publish
-
     root = zoo_url(zoo)
     package = os.fspath(package)
     if not is_package(package):

@@ -60,6 +60,7 @@ from data_pipeline import storage
 from . import safe_load
 from .checksums import MANIFEST, CheckpointDamaged, check_files, hash_files, manifest_text, read_manifest
 from .distributed import barrier, rank_world
+from .repro import git_revision
 from .runtime import (full_numel, gathered, load_universal_checkpoint, repair_zero3_universal, to_universal,
                       universal_checkpoint_info, zero_fp32_state_dict)
 
@@ -238,8 +239,6 @@ def save_checkpoint(run_dir: str, step: int, engines, *, samples_seen: int = 0,
         # Each rank hashes its share: the files it staged, or every world-th file of the shared folder.
         sums = _merge_sums(_all_gather(hash_files(local) if stage else hash_files(local, rank, world)))
         if rank == 0:
-            from .repro import git_revision
-
             meta = {"format": 1, "step": int(step), "samples_seen": int(samples_seen), "world_size": world,
                     "engines": {n: {"zero_stage": int(e.zero_optimization_stage()),
                                     "bf16": bool(e.bfloat16_enabled())} for n, e in engines.items()},

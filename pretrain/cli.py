@@ -39,7 +39,7 @@ def _kv_floats(items: Sequence[str], flag: str) -> dict[str, float]:
 
 
 def _recipe_names() -> list[str]:
-    from .recipes import list_recipes
+    from .recipes import list_recipes       # lazy, as every package here: see main()
 
     return list_recipes()
 
@@ -241,7 +241,7 @@ def _data(args) -> int:
 
 def _zoo(args) -> int:
     from model_zoo import zoo
-    from model_zoo.package import PackageError
+    from model_zoo.package import PackageError, read_config
 
     from .resolve import ResolveError, export_run
     from .safe_load import UnsafeCheckpointError
@@ -253,8 +253,6 @@ def _zoo(args) -> int:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
             out = export_run(args.run_dir, args.out, step=args.step, ema=args.ema, dtype=dtype,
                              tokenizer=args.tokenizer)
-            from model_zoo.package import read_config
-
             meta = read_config(out)
             print(json.dumps({"out": out, "name": meta["name"], "kind": meta["kind"], "dtype": meta["dtype"],
                               "step": meta["card"].get("step"), "weights": meta["card"].get("weights")}))
@@ -307,6 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # The dispatch imports every package lazily, here and in the branch of the verb that runs (also
+    # _data, _zoo, build_parser and entry): `import pretrain.cli` and `vqscale --help` stay fast
+    # (DESIGN.md), and a verb loads only its own modules.
+    from data_pipeline import storage
     from data_pipeline.sources import DataError
     from data_pipeline.storage import StorageError
 
@@ -316,14 +318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.verb != "submit":     # a job's command checks its storage where it runs
-            from data_pipeline import storage
-
             storage.check_access(*_urls(args))
         if args.verb == "demo":
             from .demo import run_demo
 
             result = run_demo(quick=args.quick, overrides=args.overrides, data=args.data)
-            from data_pipeline import storage
             from evals.offline import demo_metrics
 
             c = result["config"]

@@ -23,6 +23,8 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from data_pipeline import storage
+
 
 class ConfigError(ValueError):
     """A bad override or config file; the message is one line naming the key."""
@@ -261,8 +263,6 @@ def dumps(cfg: Any) -> str:
 
 def write_resolved(cfg: Any, url: str, extra: dict[str, Any] | None = None) -> None:
     """Write the resolved config (plus e.g. git revision) as JSON through the storage seam."""
-    from data_pipeline import storage
-
     payload = to_dict(cfg)
     if extra:
         payload = {**payload, "_meta": extra}

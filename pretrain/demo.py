@@ -27,10 +27,23 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from data_pipeline import storage
+import torch
 
+from data_pipeline import storage
+from data_pipeline.demo import CLASS_NAMES, build_demo
+from data_pipeline.inspection import inspect_dataset
+from model_zoo.grids import save_grid
+from model_zoo.package import load_prior_with_tokenizer
+from model_zoo.sampling import SamplingConfig
+
+from .checkpoint import latest_step_url
 from .config import apply_overrides, dumps, write_resolved
+from .recipes import get_recipe
 from .repro import run_metadata
+from .resolve import as_package
+from .sample import sample_images
+from .tokenize_job import run_tokenize
+from .trainer import Trainer
 
 log = logging.getLogger("vqscale.demo")
 
@@ -75,8 +88,6 @@ def _split(overrides: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
 
 
 def _finished(run_dir: str, steps: int) -> bool:
-    from .checkpoint import latest_step_url
-
     step = latest_step_url(run_dir)
     if step is None:
         return False
@@ -85,9 +96,6 @@ def _finished(run_dir: str, steps: int) -> bool:
 
 def _train(recipe: str, run_dir: str, steps: int, sets: list[str], progress: bool, data_url: str, val_url: str,
            **fields):
-    from .recipes import get_recipe
-    from .trainer import Trainer
-
     if _finished(run_dir, steps):
         print(f"[demo] {recipe}: finished in {run_dir}, not trained again", flush=True)
         return None
@@ -105,25 +113,10 @@ def _train(recipe: str, run_dir: str, steps: int, sets: list[str], progress: boo
 
 def run_demo(quick: bool = False, overrides: Sequence[str] = (), data: str | None = None,
              progress: bool = True) -> dict[str, Any]:
-    import torch
-
-    from data_pipeline.demo import CLASS_NAMES, build_demo
-    from data_pipeline.inspection import inspect_dataset
-    from model_zoo.package import load_prior_with_tokenizer
-    from model_zoo.sampling import SamplingConfig
-
-    from .resolve import as_package
-    from model_zoo.grids import save_grid
-
-    from .sample import sample_images
-    from .tokenize_job import run_tokenize
-
     own, tok_sets, prior_sets = _split(overrides)
     cfg = apply_overrides(DemoConfig(), own)
     tok_sets = [f"discriminator.adaptive_weight={str(cfg.tokenizer_adaptive_gan_weight).lower()}",
                 f"model_args.quantizer.decay={cfg.tokenizer_usage_decay}", *tok_sets]
-    from .recipes import get_recipe
-
     for recipe, sets in ((cfg.tokenizer_recipe, tok_sets), (cfg.prior_recipe, prior_sets)):
         apply_overrides(get_recipe(recipe), sets)     # a bad key fails now, not after stage 1
     if data:
@@ -184,8 +177,6 @@ def run_demo(quick: bool = False, overrides: Sequence[str] = (), data: str | Non
     timings["sample"] = time.time() - t
 
     def _final(res, run_dir):
-        from .checkpoint import latest_step_url
-
         meta = storage.read_json(storage.join(latest_step_url(run_dir), "meta.json"))
         return {"run_dir": run_dir, "step": meta["step"], "trained_now": res is not None,
                 "metrics": {k: v for k, v in (meta.get("metrics") or {}).items()

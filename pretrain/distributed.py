@@ -31,6 +31,8 @@ from typing import Mapping, NoReturn
 
 import torch
 
+from .repro import seed_everything
+
 log = logging.getLogger("vqscale.dist")
 
 __all__ = ["DistEnv", "detect_env", "expand_nodelist", "slurm_master_port", "init_distributed",
@@ -426,6 +428,4 @@ def process_stop_flag() -> StopFlag:
 
 def seed_for(seed: int, rank: int) -> int:
     """Seed python/numpy/torch (and CUDA) from ``(seed, rank)`` via :mod:`pretrain.repro`."""
-    from .repro import seed_everything
-
     return seed_everything(seed, rank)

@@ -30,6 +30,13 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from model_zoo.losses import LPIPS, VGG19Features
+from model_zoo.registry import create_model
+from model_zoo.stackformer import Stackformer
+
+from .models import model_from_config
 
 __all__ = ["PEAK_FLOPS", "peak_flops", "transformer_flops_per_token", "count_flops", "step_flops_per_sample",
            "flops_at_step", "matmul_peak", "matmul_params"]
@@ -64,8 +71,6 @@ def transformer_flops_per_token(params: int, layers: int, width: int, context: i
 
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of what ``fn`` runs (call ``.backward()`` inside to count the backward too)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
         fn()
@@ -73,8 +78,6 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 def _meta_model(name: str, args: dict[str, Any]) -> nn.Module:
-    from model_zoo.registry import create_model
-
     with torch.device("meta"):
         return create_model(name, **args)
 
@@ -83,8 +86,6 @@ def step_flops_per_sample(cfg, derived: dict[str, Any] | None = None) -> dict[st
     """Training FLOPs per sample of one step of the run ``cfg`` (a ``RunConfig``), by parts, counted
     on the meta device at batch 1. ``derived``: what the trainer derives from the data (a prior's
     grid and codebook). Returns ``{"total": ..., part: ...}``."""
-    from .models import model_from_config
-
     derived = dict(derived or {})
     with torch.device("meta"):
         model = model_from_config(cfg, derived)
@@ -98,13 +99,9 @@ def step_flops_per_sample(cfg, derived: dict[str, Any] | None = None) -> dict[st
         loss_cfg = cfg.tokenizer_loss
         lpips = vgg19 = None
         if loss_cfg.perceptual > 0:
-            from model_zoo.losses import LPIPS
-
             with torch.device("meta"):
                 lpips = LPIPS(pretrained=False)
         if loss_cfg.contrastive > 0:   # Regularized VQ's contrastive loss: its own VGG-19 pass
-            from model_zoo.losses import VGG19Features
-
             with torch.device("meta"):
                 vgg19 = VGG19Features(pretrained=False)
         disc = None
@@ -149,8 +146,6 @@ def flops_at_step(parts: dict[str, float], cfg, step: int) -> float:
 def _prior_step(model: nn.Module) -> None:
     codes = torch.zeros(1, model.num_tokens, dtype=torch.long, device="meta")
     cond = model.null_condition(1)
-    from model_zoo.stackformer import Stackformer
-
     positions = None        # only Stackformer models kept positions (MQ-VAE tokens)
     if isinstance(model, Stackformer):
         positions = torch.zeros(1, model.num_tokens, dtype=torch.long, device="meta")

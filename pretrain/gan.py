@@ -95,9 +95,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_zoo import losses as L
+from model_zoo.discriminators import ActNorm
+from model_zoo.registry import create_model
 
 from .runtime import backward_hooks_paused, gathered, is_partitioned
 from .objectives import TokenizerLossConfig, TokenizerObjective, _device, _model_input, unwrap
+from .recipes import DiscriminatorConfig
 
 log = logging.getLogger("vqscale.gan")
 
@@ -125,8 +128,6 @@ def check_supported(generator_stage: int, disc_cfg, discriminator: nn.Module | N
     if disc_cfg.r1_every < 1:
         raise ValueError(f"discriminator.r1_every must be >= 1, got {disc_cfg.r1_every}")
     if discriminator is not None:
-        from model_zoo.discriminators import ActNorm
-
         if any(isinstance(m, ActNorm) for m in discriminator.modules()):
             raise ValueError("a discriminator with ActNorm cannot train under ZeRO (its data-dependent init writes "
                              "into parameters that the fp32 master copies overwrite); use norm='batch' or 'none'")
@@ -158,8 +159,6 @@ class GANDiscriminator(nn.Module):
 
 def build_discriminator(disc_cfg) -> GANDiscriminator:
     """The discriminator of ``disc_cfg`` (a ``DiscriminatorConfig``) from the registry, wrapped."""
-    from model_zoo.registry import create_model
-
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(disc_cfg.model_args).items()}
     return GANDiscriminator(create_model(disc_cfg.model, **args))
 
@@ -176,8 +175,6 @@ class GANTokenizerObjective(TokenizerObjective):
     def __init__(self, cfg: TokenizerLossConfig | None = None, disc=None, perceptual: L.LPIPS | None = None):
         super().__init__(cfg, perceptual=perceptual)
         if disc is None:
-            from .recipes import DiscriminatorConfig
-
             disc = DiscriminatorConfig(model="patchgan")
         self.disc = disc
         self.batch_cache: dict[str, Tensor] | None = None

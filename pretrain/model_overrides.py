@@ -12,8 +12,9 @@ RunConfig and DiscriminatorConfig (pretrain/recipes.py) route their ``model.``/`
 overrides here through pretrain.config's ``__config_override__`` hook, and the ``model_args`` that
 pretrain.config.from_dict reads back through ``__config_check__``; pretrain.models.check_model_args
 walks a whole ``model_args`` before it builds the preset on the meta device. pretrain.config stays
-generic (it never imports model_zoo); this module imports model_zoo only when a preset is first
-looked at, and nothing of pretrain but pretrain.config (the recipes import it).
+generic (it never imports model_zoo); this module imports model_zoo (the registry and the package
+format) and nothing of pretrain but pretrain.config (the recipes import it). A preset's config is
+built when the preset is first looked at.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import functools
 import types
 import typing
 from typing import Any, Union, get_args, get_origin
+
+import torch
+
+from model_zoo.package import PackageError, model_config
+from model_zoo.registry import create_model, model_entry
 
 from .config import ConfigError, _coerce, _set_in_dict, _unknown, json_value, to_dict
 
@@ -34,11 +40,6 @@ def preset_config(name: str) -> Any:
     """The frozen config dataclass (an instance: the preset's own values) of registry preset
     ``name``, built once on the meta device; None when the preset's model has no config dataclass
     (its ``model_args`` are then passed on unchecked)."""
-    import torch
-
-    from model_zoo.package import PackageError, model_config
-    from model_zoo.registry import create_model, model_entry
-
     try:
         model_entry(name)
     except KeyError as e:

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from model_zoo.package import model_config
+from model_zoo.registry import create_model
+
 from .config import ConfigError, to_dict
 from .model_overrides import checked_model_args
 
@@ -46,9 +49,6 @@ def model_from_config(cfg: RunConfig, derived: dict[str, Any] | None = None, dev
     """The run's model: ``cfg.model`` with ``cfg.model_args``, plus ``derived`` values (from the
     data, e.g. a prior's grid and codebook from the code manifest) for fields the preset's config
     has and ``model_args`` does not set."""
-    from model_zoo.package import model_config
-    from model_zoo.registry import create_model
-
     args = preset_args(cfg)
     if derived:
         with torch.device("meta"):
@@ -66,8 +66,6 @@ def check_model_args(cfg: RunConfig) -> None:
     First every entry is walked against the preset's config dataclass (an unknown preset, field or
     a value of the wrong type: the one-line error of ``--set model.FIELD=``), for model_args that
     came from a recipe or a config file rather than an override; the discriminator's too."""
-    from model_zoo.registry import create_model
-
     checked_model_args(cfg.model, dict(cfg.model_args))
     disc = getattr(cfg, "discriminator", None)
     checks = [(cfg.model, preset_args(cfg), "model_args")]

@@ -74,6 +74,7 @@ from torch import Tensor, nn
 
 from model_zoo import losses as L
 from model_zoo.interfaces import TokenizerOutput, next_token_loss
+from model_zoo.registry import create_model
 from model_zoo.sampling import SamplingConfig, sample_seeds
 
 from .distributed import rank_world
@@ -433,7 +434,6 @@ class CaptionTokenizer:
 
     def tokenize(self, captions: list[str]) -> Tensor:
         if self._encoder is None:
-            from model_zoo.registry import create_model
             with torch.device("meta"):
                 self._encoder = create_model(self.text_encoder, **self.overrides)
         return self._encoder.tokenize(list(captions))

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal
 
 from data_pipeline.config import DataConfig
+from model_zoo.registry import create_model
 
 from .config import ConfigError
 from .model_overrides import TypedModelArgs
@@ -349,8 +350,6 @@ def _tokenizer_recipe(name: str, tiny: bool) -> RunConfig:
                     discriminator=_discriminator(preset, False, optim, steps, res))
     if not tiny:
         return cfg
-    from model_zoo.registry import create_model
-
     with _meta_device():
         res = int(create_model(cfg.model).image_size)
     steps = 200

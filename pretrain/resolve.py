@@ -22,8 +22,15 @@ import tempfile
 import torch
 
 from data_pipeline import storage
+from model_zoo.package import (CHECKSUMS, WEIGHTS, check_safetensors_file, is_package, package_sha256, read_config,
+                               result_scalars, save_package, verify_folder)
 
 from . import safe_load
+from .checkpoint import (CheckpointDamaged, list_steps, load_consolidated, resolve_step_url, step_candidates,
+                         step_name, verify_step_folder)
+from .config import from_dict
+from .models import model_from_config
+from .recipes import RunConfig
 
 log = logging.getLogger("vqscale.resolve")
 
@@ -56,8 +63,6 @@ def ema_state_dict(folder: str) -> dict[str, torch.Tensor]:
 def _load_step_weights(local: str, ema: bool | None) -> tuple[dict[str, torch.Tensor], str]:
     """``ema`` None: the EMA weights when the run kept them, else the live ones; True: the EMA
     weights or an error; False: the live weights."""
-    from .checkpoint import load_consolidated
-
     # A GAN run's tokenizer is its "generator" engine (the discriminator is not exported).
     engine = "generator" if os.path.isdir(os.path.join(local, "generator")) else "model"
     sd = load_consolidated(local, engine)
@@ -72,8 +77,6 @@ def _load_step_weights(local: str, ema: bool | None) -> tuple[dict[str, torch.Te
 
 def _eval_metrics(run_dir: str, step: int) -> dict[str, float]:
     """The numbers of the run's eval results (``RUN/evals/*.json``) measured at ``step``."""
-    from model_zoo.package import result_scalars
-
     out: dict[str, float] = {}
     folder = storage.join(run_dir, "evals")
     for name in storage.listdir(folder):
@@ -96,8 +99,6 @@ _NOT_QUALITY = ("per_s", "time", "wait", "lr", "memory", "guard", "grad_norm", "
 
 
 def _card(cfg, meta: dict, run_dir: str, which: str, num_tokens: int | None) -> dict:
-    from model_zoo.package import result_scalars
-
     step, seen = int(meta["step"]), int(meta.get("samples_seen") or 0)
     training = {"recipe": cfg.name, "model": cfg.model, "stage": cfg.stage, "data": cfg.data.url,
                 "steps": step, "planned_steps": cfg.steps, "global_batch_size": cfg.global_batch_size,
@@ -117,8 +118,6 @@ def tokenizer_identity(url: str) -> dict[str, str]:
     """``{name, sha256, url}`` of a tokenizer package: what a prior's checkpoints record of the
     tokenizer whose codes it models (``url`` absolute, so it does not depend on the directory the
     run was started from)."""
-    from model_zoo.package import package_sha256, read_config
-
     url = os.fspath(url)
     where = url if storage.is_remote(url) else os.path.abspath(storage.local_path(url))
     return {"name": read_config(url)["name"], "sha256": package_sha256(url), "url": where}
@@ -146,8 +145,6 @@ def _prior_tokenizer(cfg, meta: dict, step_url: str) -> str:
     tokenizer with another identity is never taken silently (a relative setting resolved from the
     wrong directory once decoded the prior's codes with another run's tokenizer). Checkpoints
     written before the identity was recorded take the first candidate that exists."""
-    from model_zoo.package import package_sha256
-
     recorded = meta.get("tokenizer_package") or {}
     want = recorded.get("sha256")
     candidates = ([recorded["url"]] if recorded.get("url") else []) + _tokenizer_candidates(cfg.tokenizer, step_url)
@@ -177,12 +174,6 @@ def export_step(step_url: str, out: str, ema: bool | None = None, dtype: torch.d
     float32, as consolidated); ``tokenizer_path``: a prior's tokenizer, instead of the one its
     run recorded. The model card is filled from the run's config, the checkpoint's
     metadata and the run's eval results at that step."""
-    from model_zoo.package import save_package
-
-    from .config import from_dict
-    from .recipes import RunConfig
-    from .models import model_from_config
-
     meta = storage.read_json(storage.join(step_url, "meta.json"))
     if not meta.get("config"):
         raise ResolveError(f"{step_url}: the checkpoint records no run config, so its model is unknown")
@@ -192,8 +183,6 @@ def export_step(step_url: str, out: str, ema: bool | None = None, dtype: torch.d
         if storage.is_remote(step_url):
             local = os.path.join(tmp, "step")
             storage.download_dir(step_url, local)
-        from .checkpoint import verify_step_folder
-
         verify_step_folder(storage.local_path(local), step_url)
         sd, which = _load_step_weights(storage.local_path(local), ema)
         model = model_from_config(cfg, meta.get("trainer_model_args") or None)
@@ -221,8 +210,6 @@ def export_step(step_url: str, out: str, ema: bool | None = None, dtype: torch.d
 
 def _step_folder(path: str) -> str:
     """The step folder a run directory (its latest checkpoint) or step folder names."""
-    from .checkpoint import resolve_step_url
-
     try:
         step = resolve_step_url(path)
     except (OSError, ValueError) as e:
@@ -237,8 +224,6 @@ def export_run(path: str, out: str, step: int | None = None, ema: bool | None = 
                dtype: torch.dtype | None = None, tokenizer: str | None = None) -> str:
     """``vqscale zoo export``: the checkpoint of a run directory (its latest, or ``step``) or a
     step folder, consolidated from its engine shards (any ZeRO stage) into a package at ``out``."""
-    from .checkpoint import list_steps, step_name
-
     path = os.fspath(path)
     if step is not None:
         step_url = storage.join(path, "checkpoints", step_name(step))
@@ -252,8 +237,6 @@ def export_run(path: str, out: str, step: int | None = None, ema: bool | None = 
 def _newest_verified(path: str, use):
     """``use(step_url)`` on the step folder ``path`` resolves to; for a run directory whose latest
     step is damaged (:mod:`pretrain.checksums`), on the newest older step that verifies, saying so."""
-    from .checkpoint import CheckpointDamaged, step_candidates
-
     first = _step_folder(path)
     damaged = []
     for step in [first] + [c for c in step_candidates(path)[0] if c != first]:
@@ -286,8 +269,6 @@ def as_package(path: str, kind: str | None = None) -> str:
     """The zoo package URL for ``path`` (package, run directory or step folder); exported on first
     use. ``kind`` ("tokenizer" or "prior") is checked. Under torch.distributed a collective: rank 0
     exports, the others wait."""
-    from model_zoo.package import CHECKSUMS, is_package, read_config
-
     path = os.fspath(path)
     if is_package(path):
         url = path
@@ -314,8 +295,6 @@ def check_model_path(path: str, kind: str | None = None) -> None:
     weights a safetensors file), a run directory with a checkpoint or a step folder. Raises
     :class:`ResolveError` or :class:`~model_zoo.package.PackageError` (a pickle given as a prior's
     tokenizer used to fail inside the run's setup, after the process group and config.json)."""
-    from model_zoo.package import WEIGHTS, check_safetensors_file, is_package, read_config, verify_folder
-
     path = os.fspath(path)
     if is_package(path):
         meta = read_config(path)

@@ -109,8 +109,11 @@ from typing import Any, Literal, Union
 import torch
 import torch.nn as nn
 
+from model_zoo.interfaces import pop_row_writes
+
 from .activation_checkpointing import apply_activation_checkpointing
 from .config import ConfigError, json_value
+from .distributed import init_distributed
 from .optim import OptimConfig, gradient_accumulation_steps, lr_schedule, weight_decay_groups
 
 log = logging.getLogger("vqscale.runtime")
@@ -315,8 +318,6 @@ def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_settings: DeepSpee
     import deepspeed
     import torch.distributed as dist
 
-    from .distributed import init_distributed
-
     if not dist.is_initialized():
         init_distributed()
     _skip_cpu_shm_build()
@@ -368,8 +369,6 @@ def _row_writes_after_step(engine) -> None:
     times per micro-batch (master copy and two Adam moments, 24 MiB for vqgan-f8's 8192 x 256
     codes) to write nothing. The host waits for the backward it just queued; at an accumulation
     boundary DeepSpeed's own overflow check has waited for it already."""
-    from model_zoo.interfaces import pop_row_writes
-
     inner = engine.step
     engine.row_writes_applied = {}              # parameter name -> rows written since the EMA's update
 

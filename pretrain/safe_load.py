@@ -41,7 +41,7 @@ def load(f, map_location: Any = None, **kwargs) -> Any:
     ``weights_only=False`` is overridden, not honoured."""
     import torch        # here, not at the top: the CLI imports this module for its error class
 
-    from . import runtime       # the one module that imports DeepSpeed names its classes
+    from . import runtime       # lazy, as torch: runtime (the one module that imports DeepSpeed) names its classes
 
     kwargs.pop("weights_only", None)
     real = _torch_load or torch.load

@@ -37,6 +37,10 @@ from typing import Any, Callable
 import torch
 
 from model_zoo.grids import DEFAULT_NCOL, save_grid
+from model_zoo.package import load_prior_with_tokenizer
+from model_zoo.sampling import SamplingConfig, keep_best, num_candidates, sample_seeds
+
+from .resolve import ResolveError, as_package
 
 
 # ---------------------------------------------------------------------------------- priors
@@ -48,8 +52,6 @@ class SampleError(ValueError):
 def resolve_prior(path: str) -> str:
     """The zoo package URL for ``path``: a package, a run directory (its latest checkpoint) or a
     step folder (exported once, :func:`pretrain.resolve.as_package`); it must hold a prior."""
-    from .resolve import ResolveError, as_package
-
     try:
         return as_package(path, kind="prior")
     except ResolveError as e:
@@ -93,8 +95,6 @@ def sample_images(prior, image_tokenizer, num: int, sampling, seed: int = 0, bat
     one big request, e.g. one per rank, give the images the single request would)."""
     from tqdm import tqdm
 
-    from model_zoo.sampling import sample_seeds
-
     if num < 1 or batch_size < 1:
         raise SampleError(f"--num and --batch-size must be >= 1, got {num} and {batch_size}")
     device = next(prior.parameters()).device
@@ -132,8 +132,6 @@ def rejection_sample(prior, image_tokenizer, num: int, sampling, classifier: Cla
     (labels: the requested class, -1 for a prompt or the null class). Returns the kept images,
     the seconds in ``prior.generate`` and ``{acceptance_rate, candidates, kept, scores}``
     (``kept``: candidate indices, ascending)."""
-    from model_zoo.sampling import keep_best, num_candidates
-
     if classifier is None:
         raise SampleError("rejection sampling (an acceptance rate below 1) needs a classifier")
     try:
@@ -164,9 +162,6 @@ def run_sample(prior: str, out: str, num: int, class_label: int | None = None, p
                acceptance_rate: float = 1.0, classifier: Classifier | None = None) -> dict[str, Any]:
     """The ``vqscale sample`` job: load, generate, decode, write the grid; returns the summary.
     ``acceptance_rate < 1`` with a ``classifier``: :func:`rejection_sample`."""
-    from model_zoo.package import load_prior_with_tokenizer
-    from model_zoo.sampling import SamplingConfig
-
     t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

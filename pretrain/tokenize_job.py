@@ -59,6 +59,11 @@ from data_pipeline.defects import (CORRUPT_METADATA, IO_ERROR, TRUNCATED_SHARD, 
 from data_pipeline.images import ImageDecoder, to_model_range
 from data_pipeline.shards import MANIFEST, ShardError, iter_shard
 from data_pipeline.sources import DataError, Shard, open_source, parse_mixture
+from model_zoo import create_model, model_entry
+from model_zoo.package import CHECKSUMS, load_package, package_sha256, read_config
+from model_zoo.text_encoders import to_cached_batch
+
+from .resolve import ResolveError, as_package
 
 log = logging.getLogger("vqscale.tokenize")
 
@@ -117,10 +122,6 @@ def _broadcast(env: DistEnv, obj: Any) -> Any:
 def resolve_tokenizer(path: str) -> tuple[str, dict[str, Any]]:
     """``(package URL, its config.json)`` for ``path``: a zoo package, a run directory or a step
     folder (:func:`pretrain.resolve.as_package`); anything else is a clear error."""
-    from model_zoo.package import CHECKSUMS, read_config
-
-    from .resolve import ResolveError, as_package
-
     try:
         path = as_package(path)
     except ResolveError as e:
@@ -138,8 +139,6 @@ def resolve_tokenizer(path: str) -> tuple[str, dict[str, Any]]:
 
 def load_tokenizer(path: str, device: str) -> tuple[torch.nn.Module, dict[str, str]]:
     """``(model in eval mode, {name, sha256})``; the sha256 is that of ``checksums.sha256``."""
-    from model_zoo.package import load_package, package_sha256
-
     path, meta = resolve_tokenizer(path)
     before = package_sha256(path)
     model = load_package(path, device=device)   # verifies every file against those checksums
@@ -324,8 +323,6 @@ def _encode(job: _Job, samples: list[dict[str, Any]]):
     positions = None if tokens.positions is None else tokens.positions.cpu().numpy()
     embs = None
     if job.text_encoder is not None:
-        from model_zoo.text_encoders import to_cached_batch
-
         hidden, mask = job.text_encoder.encode_text([s["caption"] for s in samples])
         embs = to_cached_batch(hidden, mask)
     return codes, positions, embs
@@ -437,8 +434,6 @@ def _run(env, tokenizer_path, data, out, batch_size, resolution, device, text_en
     layout = token_layout(model, resolution, device)
     enc = None
     if text_encoder:
-        from model_zoo import create_model, model_entry
-
         try:
             if model_entry(text_encoder).kind != "text_encoder":
                 raise TokenizeError(f"--text-encoder {text_encoder} is a {model_entry(text_encoder).kind}")

@@ -51,20 +51,27 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import storage
+from data_pipeline.codes import code_loader, manifest_labels
+from data_pipeline.images import image_loader
 from data_pipeline.stream import check_lost_fraction
+from model_zoo.grids import save_grid
+from model_zoo.package import PackageError, load_package
+from model_zoo.registry import create_model
 
 from . import checkpoint as ckpt
-from .config import ConfigError, to_dict, write_resolved
+from .config import ConfigError, apply_overrides, to_dict, write_resolved
 from .distributed import init_distributed, process_stop_flag, setup_rank_logging
 from .ema import EMA
 from .flops import flops_at_step, peak_flops, step_flops_per_sample
+from .gan import GANTokenizerObjective, build_discriminator, check_supported
 from .metrics import MetricLogger, update_status
 from .models import check_model_args, model_from_config, preset_args
 from .components import Guard, KeysFile, Profiler, due
 from .objectives import COLLAPSE_METRIC, CaptionTokenizer, CollapseWatch, build_objective
 from .optim import gradient_accumulation_steps
-from .recipes import RunConfig
+from .recipes import RunConfig, get_recipe
 from .repro import run_metadata, seed_everything
+from .resolve import ResolveError, as_package, check_model_path, tokenizer_identity
 from .runtime import build_engine, check_deepspeed_version
 from .step import MicroBatches, StepReport
 
@@ -191,8 +198,6 @@ class Trainer:
         lcfg = cfg.tokenizer_loss if cfg.stage == "tokenizer" else cfg.prior_loss
         if cfg.stage == "tokenizer" and cfg.discriminator.model:
             # two engines: the tokenizer ("generator") and the discriminator (pretrain/gan.py)
-            from .gan import GANTokenizerObjective, build_discriminator, check_supported
-
             check_supported(cfg.deepspeed.zero_stage, cfg.discriminator)
             with _no_rng():       # its init never shifts the training RNG (and is the same on every rank)
                 torch.manual_seed(cfg.seed + 1)
@@ -233,12 +238,8 @@ class Trainer:
             raise ValueError(f"run {cfg.name!r}: data.url is empty; point it at "
                              f"{'image' if cfg.stage == 'tokenizer' else 'code'} shards (--set data.url=...)")
         if cfg.stage == "tokenizer":
-            from data_pipeline.images import image_loader
-
             dcfg = dataclasses.replace(cfg.data, url=url, num_workers=workers)
             return image_loader(dcfg, batch, seed=seed, device=self.device), {}
-        from data_pipeline.codes import code_loader
-
         d = cfg.data
         loader = code_loader(url, batch, seed=seed, num_workers=workers, shuffle_buffer=d.shuffle_buffer,
                              interleave=d.interleave, pin_memory=d.pin_memory, retries=d.retries,
@@ -251,10 +252,6 @@ class Trainer:
     def _image_tokenizer(self):
         if self.cfg.stage != "prior" or not self.cfg.tokenizer:
             return None
-        from model_zoo.package import load_package
-
-        from .resolve import as_package, tokenizer_identity
-
         url = as_package(self.cfg.tokenizer, kind="tokenizer")
         # Which tokenizer this prior models, by identity and by absolute location: the recorded
         # setting may be a path relative to wherever the run was started (see resolve.export_step).
@@ -326,8 +323,6 @@ class Trainer:
         for name, images in grids.items():
             self.logger.images(self.step, f"visuals/{name}", images)
             if self.rank == 0:
-                from model_zoo.grids import save_grid
-
                 save_grid(images, storage.join(self.run_dir, "samples", f"{name}_{ckpt.step_name(self.step)}.png"))
 
     def _save(self, metrics: dict[str, float]) -> str:
@@ -593,10 +588,6 @@ def check_prior_inputs(cfg: RunConfig) -> None:
     if cfg.stage != "prior":
         return
     if cfg.tokenizer:
-        from model_zoo.package import PackageError
-
-        from .resolve import ResolveError, check_model_path
-
         try:
             check_model_path(cfg.tokenizer, kind="tokenizer")
         except PackageError as e:      # a package, damaged: the message says how to write it again
@@ -611,8 +602,6 @@ def check_prior_inputs(cfg: RunConfig) -> None:
 def _check_class_count(cfg: RunConfig) -> None:
     if cfg.prior_loss.condition == "unconditional":
         return
-    from data_pipeline.codes import manifest_labels
-
     found = {}
     for url in (cfg.data.url, cfg.validation.url):
         if url:
@@ -620,8 +609,6 @@ def _check_class_count(cfg: RunConfig) -> None:
     if not found:
         return
     root, (lo, hi) = max(found.items(), key=lambda kv: kv[1][1])
-    from model_zoo.registry import create_model
-
     try:
         with torch.device("meta"):
             num = getattr(create_model(cfg.model, **preset_args(cfg)), "num_classes", None)
@@ -634,9 +621,6 @@ def _check_class_count(cfg: RunConfig) -> None:
 
 def run_train(recipe: str, overrides=(), run_dir: str | None = None, resume: bool = True) -> TrainResult:
     """``vqscale train``: a recipe plus ``--set`` overrides, trained (resuming by default)."""
-    from .config import apply_overrides
-    from .recipes import get_recipe
-
     cfg = apply_overrides(get_recipe(recipe), list(overrides))
     if run_dir:
         cfg = dataclasses.replace(cfg, run_dir=run_dir)
