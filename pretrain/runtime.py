@@ -345,9 +345,24 @@ def build_engine(model: nn.Module, optim_cfg: OptimConfig, ds_settings: DeepSpee
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     engine.vqscale_name = name
     engine.vqscale_ds_config = cfg
+    if engine.bfloat16_enabled():
+        _norm_statistics_as_weights(engine.module)
     _skip_nonfinite_steps(engine)
     _row_writes_after_step(engine)
     return engine
+
+
+def _norm_statistics_as_weights(module: nn.Module) -> None:
+    """In bf16, DeepSpeed casts the parameters but leaves the buffers in fp32, and batch norm
+    needs its running statistics in its weight's dtype (a PatchGAN failed its first forward with
+    "expected scalar type BFloat16 but found Float"). Only norm statistics are cast: the
+    quantizers' fp32 usage statistics and EMA buffers stay fp32 on purpose."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.weight is not None:
+            for name in ("running_mean", "running_var"):
+                buf = getattr(m, name)
+                if buf is not None and buf.dtype != m.weight.dtype:
+                    setattr(m, name, buf.to(m.weight.dtype))
 
 
 # ---- rows written outside the optimizer (dead-code restarts) ---------------------------------------
