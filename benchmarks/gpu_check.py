@@ -177,11 +177,9 @@ def step_share(step: str) -> float:
 # ---- small helpers -----------------------------------------------------------------------------
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default, allow_nan=True)
-    os.replace(tmp, path)
+    from data_pipeline import storage       # (imported when first written: the orchestrator starts on the stdlib)
+
+    storage.write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=True))
 
 
 def _json_default(o: Any) -> Any:

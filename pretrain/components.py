@@ -59,8 +59,7 @@ class Guard:
                 continue        # the discriminator before its start step
             if r.nonfinite is not None:
                 name = f"{p}nonfinite_losses"
-                self._pending[name] = r.nonfinite.int() + self._pending[name] if name in self._pending \
-                    else r.nonfinite.int()
+                self._pending[name] = self._pending.get(name, 0) + r.nonfinite.int()
             if r.skipped:
                 self.counters[f"{p}skipped_steps"] += 1
                 self.counters[f"{p}consecutive_skips"] += 1

@@ -98,9 +98,10 @@ from model_zoo import losses as L
 from model_zoo.discriminators import ActNorm
 from model_zoo.registry import create_model
 
-from .runtime import backward_hooks_paused, gathered, is_partitioned
+from .models import preset_args
 from .objectives import TokenizerLossConfig, TokenizerObjective, _device, _model_input, unwrap
 from .recipes import DiscriminatorConfig
+from .runtime import backward_hooks_paused, gathered, is_partitioned
 
 log = logging.getLogger("vqscale.gan")
 
@@ -159,8 +160,7 @@ class GANDiscriminator(nn.Module):
 
 def build_discriminator(disc_cfg) -> GANDiscriminator:
     """The discriminator of ``disc_cfg`` (a ``DiscriminatorConfig``) from the registry, wrapped."""
-    args = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(disc_cfg.model_args).items()}
-    return GANDiscriminator(create_model(disc_cfg.model, **args))
+    return GANDiscriminator(create_model(disc_cfg.model, **preset_args(disc_cfg)))
 
 
 # ---- the objective ------------------------------------------------------------------------------

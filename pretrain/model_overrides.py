@@ -68,11 +68,6 @@ def _section(tp: Any) -> type | None:
     return None
 
 
-def _stored(value: Any) -> Any:
-    """A coerced value as model_args holds it (JSON: tuples as lists, dataclasses as dicts)."""
-    return to_dict(value)
-
-
 class _Walk:
     """One override ``full`` (or one model_args entry) walked against preset ``preset``'s config;
     the ``where`` of each step is the key so far as the user spelled it (``model``, ``model_args``,
@@ -112,7 +107,7 @@ class _Walk:
                 if not value:
                     new.setdefault(name, {})
                 return new
-            new[name] = _stored(_coerce(raw, tp, key))
+            new[name] = to_dict(_coerce(raw, tp, key))     # as JSON holds it: tuples as lists
             return new
         if sub is None and get_origin(tp) is not dict and tp is not Any:
             raise ConfigError(f"config key '{key}' is a value, not a section: cannot set '{self.full}'")
@@ -141,11 +136,6 @@ def _preset_config(name: str, prefix: str) -> Any:
         raise ConfigError(f"config key '{key}': {e}") from None
 
 
-def _branch(cfg: Any, prefix: str) -> tuple[str, Any]:
-    """The preset of a config that has ``model``/``model_args`` and its config (None: unchecked)."""
-    return cfg.model, _preset_config(cfg.model, prefix)
-
-
 def override_model_args(cfg: Any, path: list[str], raw: Any, full: str) -> Any:
     """The ``__config_override__`` of a config with ``model`` (a preset name) and ``model_args``
     (RunConfig, DiscriminatorConfig): ``model.F[.G...]=V`` and ``model_args.F[.G...]=V`` checked
@@ -157,7 +147,7 @@ def override_model_args(cfg: Any, path: list[str], raw: Any, full: str) -> Any:
         return NotImplemented
     parts = full.split(".")
     prefix = ".".join(parts[:len(parts) - len(path) + 1])
-    preset, pcfg = _branch(cfg, prefix)
+    preset, pcfg = cfg.model, _preset_config(cfg.model, prefix)
     walk = _Walk(preset, full)
     rest = path[1:]
     if not rest:                                   # model_args={"quantizer": {"kind": "fsq"}}

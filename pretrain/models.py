@@ -26,7 +26,7 @@ from .config import ConfigError, to_dict
 from .model_overrides import checked_model_args
 
 if TYPE_CHECKING:
-    from .recipes import RunConfig
+    from .recipes import DiscriminatorConfig, RunConfig
 
 __all__ = ["model_from_config", "check_model_args", "preset_args"]
 
@@ -40,8 +40,9 @@ def _tuples(v: Any) -> Any:
     return v
 
 
-def preset_args(cfg: RunConfig) -> dict[str, Any]:
-    """``cfg.model_args`` as keyword arguments of the preset."""
+def preset_args(cfg: RunConfig | DiscriminatorConfig) -> dict[str, Any]:
+    """``cfg.model_args`` as keyword arguments of the preset ``cfg.model`` (the run's model or the
+    discriminator)."""
     return _tuples(dict(cfg.model_args))
 
 
@@ -71,7 +72,7 @@ def check_model_args(cfg: RunConfig) -> None:
     checks = [(cfg.model, preset_args(cfg), "model_args")]
     if disc is not None and disc.model:
         checked_model_args(disc.model, dict(disc.model_args), "discriminator.model_args")
-        checks.append((disc.model, _tuples(dict(disc.model_args)), "discriminator.model_args"))
+        checks.append((disc.model, preset_args(disc), "discriminator.model_args"))
     for name, args, key in checks:
         if not args:
             continue

@@ -8,8 +8,9 @@ the backward and optimizer step of every loss and returns a :class:`pretrain.ste
 ``__call__(models, batch, step) -> (loss, metrics)`` is the trained model's loss of one batch
 (what ``updates`` yields for it); ``validation`` and ``visuals`` complete the interface.
 
-The engines (the ``models`` argument) map those names to plain modules or wrappers keeping the model in ``.module``
-(DeepSpeed engines, DDP). Every training forward goes through the wrapper's ``forward``: DeepSpeed's
+The engines (the ``models`` argument) map those names to plain modules or wrappers keeping the
+model in ``.module`` (DeepSpeed engines, DDP). Every training forward goes through the wrapper's
+``forward``: DeepSpeed's
 ``engine.forward`` does bookkeeping that ZeRO-3 needs (measured with DeepSpeed 0.19.8, 2 ranks,
 gradient accumulation 2: calling ``engine.module.loss`` directly leaves the ZeRO-3 update 2e-2 off a
 plain-torch reference, the forward route matches it to 1e-8; ZeRO-2 is exact both ways), and DDP
@@ -54,7 +55,8 @@ Passing a "discriminator" to this objective raises instead of silently training 
 of the teacher-forced output of its ``forward`` (called through the engine): code CE, plus
 position CE for Stackformer (official weight 1.0). Every prior drops its condition in ``forward``
 in training mode (classifier-free guidance). The condition comes from the batch: class labels
-(``label``, -1 = unconditional) or, for the text prior, cached per-token embeddings (``text_embedding`` + ``text_mask``), else ``text_tokens`` (tokenized in the
+(``label``, -1 = unconditional) or, for the text prior, cached per-token embeddings
+(``text_embedding`` + ``text_mask``), else ``text_tokens`` (tokenized in the
 loader's workers by a :class:`CaptionTokenizer`), else ``caption`` strings tokenized here.
 Metrics: the CE terms, token accuracy and bits per token.
 """
@@ -78,8 +80,8 @@ from model_zoo.registry import create_model
 from model_zoo.sampling import SamplingConfig, sample_seeds
 
 from .distributed import rank_world
-from .step import Objective
 from .runtime import gathered
+from .step import Objective
 
 __all__ = ["TokenizerLossConfig", "PriorLossConfig", "TokenizerObjective", "PriorObjective",
            "CaptionTokenizer", "build_objective", "unwrap", "COLLAPSE_METRIC", "CollapseWatch", "LOSS_PRESETS"]

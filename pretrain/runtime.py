@@ -593,7 +593,7 @@ def local_partition(p) -> torch.Tensor | None:
 def _tensors(value: Any):
     if isinstance(value, torch.Tensor):
         yield value
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+    elif _is_dataclass_instance(value):
         for f in dataclasses.fields(value):
             yield from _tensors(getattr(value, f.name))
     elif isinstance(value, (list, tuple)):

@@ -56,7 +56,6 @@ from data_pipeline.images import image_loader
 from data_pipeline.stream import check_lost_fraction
 from model_zoo.grids import save_grid
 from model_zoo.package import PackageError, load_package
-from model_zoo.registry import create_model
 
 from . import checkpoint as ckpt
 from .config import ConfigError, apply_overrides, to_dict, write_resolved
@@ -65,7 +64,7 @@ from .ema import EMA
 from .flops import flops_at_step, peak_flops, step_flops_per_sample
 from .gan import GANTokenizerObjective, build_discriminator, check_supported
 from .metrics import MetricLogger, update_status
-from .models import check_model_args, model_from_config, preset_args
+from .models import check_model_args, model_from_config
 from .components import Guard, KeysFile, Profiler, due
 from .objectives import COLLAPSE_METRIC, CaptionTokenizer, CollapseWatch, build_objective
 from .optim import gradient_accumulation_steps
@@ -610,8 +609,7 @@ def _check_class_count(cfg: RunConfig) -> None:
         return
     root, (lo, hi) = max(found.items(), key=lambda kv: kv[1][1])
     try:
-        with torch.device("meta"):
-            num = getattr(create_model(cfg.model, **preset_args(cfg)), "num_classes", None)
+        num = getattr(model_from_config(cfg, device="meta"), "num_classes", None)
     except (TypeError, ValueError):
         return          # check_model_args reports bad model_args
     if isinstance(num, int) and hi >= num:
